@@ -1,0 +1,304 @@
+"""The ``pixicache`` command line: a thin layer over the library API.
+
+Every failure pixicache anticipates is a :class:`~pixicache.errors.PixicacheError`;
+the CLI prints its message (no traceback) and exits with the error's
+documented code (see :mod:`pixicache.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from .config import Settings, parse_size, resolve_settings
+from .errors import EXIT_CODES, PixicacheError
+from .progress import human_bytes, human_rate
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"pixicache: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn :class:`PixicacheError` into a message and its exit code."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PixicacheError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings_from(ctx: click.Context, sources: tuple[str, ...] = (), jobs: int | None = None) -> Settings:
+    obj = ctx.find_root().obj or {}
+    return resolve_settings(cache_dir=obj.get("cache_dir"), sources=list(sources) or None, jobs=jobs)
+
+
+def open_store(settings: Settings) -> Any:
+    from .store import Store
+
+    return Store(settings.cache_dir)
+
+
+def _set_cache_dir(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        root = ctx.find_root()
+        root.obj = dict(root.obj or {}, cache_dir=value)
+
+
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_cache_dir,
+    help="The node store (default: $PIXICACHE_CACHE_DIR, the config file, else the user cache dir).",
+)
+"""``--cache-dir``, accepted before or after the subcommand name."""
+
+source_option = click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="SPEC",
+    help="A source to try, in order (repeatable; comma lists allowed): "
+    "mirror=URL, digest=URL, dir=PATH, upstream, or a bare URL/path. "
+    "Default: $PIXICACHE_SOURCES, the config file, else 'upstream'.",
+)
+jobs_option = click.option(
+    "-j", "--jobs", type=click.IntRange(1, 256), default=None, help="Parallel downloads (default 8)."
+)
+env_option = click.option(
+    "-e", "--environment", "environment", default=None, help="Environment of the lock (default: all)."
+)
+platform_option = click.option(
+    "-p", "--platform", default=None, help="Platform, e.g. linux-64 (default: all in the lock)."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pixicache")
+@cache_dir_option
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """pixicache: verified, cached Pixi environments for HTCondor GPU pools.
+
+    \b
+    Exit codes:
+    """
+    ctx.obj = dict(ctx.obj or {})
+
+
+main.help = (main.help or "") + "".join(f"\n      {code:>3}  {what}" for what, code in EXIT_CODES.items())
+
+
+# -- plan ------------------------------------------------------------------
+@main.command()
+@click.argument("locks", nargs=-1, required=True, type=click.Path(path_type=Path))
+@env_option
+@platform_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema pixicache.plan/1).")
+@click.option("--no-store", is_flag=True, help="Do not look at the store.")
+@cache_dir_option
+@click.pass_context
+@handle_errors
+def plan(
+    ctx: click.Context,
+    locks: tuple[Path, ...],
+    environment: str | None,
+    platform: str | None,
+    as_json: bool,
+    no_store: bool,
+) -> None:
+    """Print what LOCKS need: artifacts, bytes, and what the store already has."""
+    from .plan import make_plan
+
+    store = None if no_store else open_store(settings_from(ctx))
+    p = make_plan(list(locks), environment=environment, platform=platform, store=store)
+    if as_json:
+        click.echo(json.dumps(p.to_json(), indent=2))
+        return
+    for a in p.artifacts:
+        mark = "" if store is None else ("present " if a.sha256 in p.present else "missing ")
+        click.echo(f"{mark}{a.sha256}  {a.size or 0:>12}  {a.url}")
+    click.echo(f"{p.count} artifacts, {p.bytes:,} bytes ({human_bytes(p.bytes)})")
+    if store is not None:
+        click.echo(
+            f"in the store {store.root}: {len(p.present)} present "
+            f"({human_bytes(p.present_bytes)}), {len(p.missing)} missing "
+            f"({human_bytes(p.bytes - p.present_bytes)})"
+        )
+
+
+# -- prefetch --------------------------------------------------------------
+@main.command()
+@click.argument("locks", nargs=-1, required=True, type=click.Path(path_type=Path))
+@env_option
+@platform_option
+@source_option
+@jobs_option
+@click.option(
+    "--progress",
+    "progress_mode",
+    type=click.Choice(["auto", "bar", "log", "none"]),
+    default="auto",
+    show_default=True,
+    help="Progress display: a bar on a terminal, log lines otherwise.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the summary as JSON to this file.")
+@cache_dir_option
+@click.pass_context
+@handle_errors
+def prefetch(
+    ctx: click.Context,
+    locks: tuple[Path, ...],
+    environment: str | None,
+    platform: str | None,
+    sources: tuple[str, ...],
+    jobs: int | None,
+    progress_mode: str,
+    json_path: Path | None,
+) -> None:
+    """Fetch every artifact of LOCKS into the store, verified.
+
+    Exits 0 only if every artifact is present and verified; otherwise lists
+    what is missing and why, with every source tried.
+    """
+    from .fetch import Fetcher
+    from .plan import make_plan
+    from .progress import make_progress
+    from .sources import parse_sources
+
+    settings = settings_from(ctx, sources, jobs)
+    store = open_store(settings)
+    srcs = parse_sources(settings.sources)
+    p = make_plan(list(locks), environment=environment, platform=platform, store=store)
+    click.echo(
+        f"prefetch: {p.count} artifacts ({human_bytes(p.bytes)}) into {store.root}; "
+        f"sources: {', '.join(s.label for s in srcs)}",
+        err=True,
+    )
+    progress = make_progress(progress_mode, label="prefetch")
+    report = Fetcher(store, srcs, jobs=settings.jobs, progress=progress).fetch(p.artifacts)
+    click.echo(format_summary(report), err=True)
+    if json_path:
+        json_path.write_text(json.dumps(report.to_json(), indent=2))
+    if not report.ok:
+        codes = {r.error.exit_code for r in report.missing if r.error}
+        sys.exit(max(codes) if codes else 3)
+
+
+def format_summary(report: Any) -> str:
+    """The human summary of a :class:`~pixicache.fetch.FetchReport`."""
+    lines = [
+        f"{len(report.results)} artifacts, {human_bytes(report.total_bytes)} in "
+        f"{report.seconds:.1f} s ({human_rate(sum(r.bytes for r in report.results), report.seconds)} transferred)"
+    ]
+    for label, slot in sorted(report.by_source().items()):
+        verb = "hits" if label == "node store" else "fetched"
+        lines.append(f"  {label:<40} {slot['artifacts']:>5} artifacts  {human_bytes(slot['bytes']):>10} {verb}")
+    missing = report.missing
+    if missing:
+        lines.append(f"MISSING: {len(missing)} artifact(s) could not be fetched:")
+        for r in missing:
+            lines.append(f"  {r.artifact.filename} (sha256 {r.artifact.sha256})")
+            for attempt in r.attempts or ["no source could serve it"]:
+                lines.append(f"    - {attempt}")
+    else:
+        lines.append("all artifacts present and verified")
+    return "\n".join(lines)
+
+
+# -- cache -----------------------------------------------------------------
+@main.group()
+def cache() -> None:
+    """Inspect and maintain the node store."""
+
+
+@cache.command("info")
+@click.option("--json", "as_json", is_flag=True)
+@cache_dir_option
+@click.pass_context
+@handle_errors
+def cache_info(ctx: click.Context, as_json: bool) -> None:
+    """Show where the store is and what it holds."""
+    store = open_store(settings_from(ctx))
+    info = store.info()
+    data = {
+        "root": str(info.root),
+        "blobs": info.blobs,
+        "bytes": info.bytes,
+        "partial_files": info.partial_files,
+        "partial_bytes": info.partial_bytes,
+        "quarantined": info.quarantined,
+        "urls": info.urls,
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"store:        {info.root}")
+    click.echo(f"blobs:        {info.blobs} ({human_bytes(info.bytes)}, {info.bytes:,} bytes)")
+    click.echo(f"partial:      {info.partial_files} ({human_bytes(info.partial_bytes)}) resumable downloads")
+    click.echo(f"quarantined:  {info.quarantined}")
+    click.echo(f"known URLs:   {info.urls}")
+
+
+@cache.command("verify")
+@cache_dir_option
+@click.pass_context
+@handle_errors
+def cache_verify(ctx: click.Context) -> None:
+    """Re-hash every blob; quarantine the bad ones (exit 4 if any)."""
+    store = open_store(settings_from(ctx))
+    rep = store.verify()
+    click.echo(f"verified {rep.checked} blobs ({human_bytes(rep.bytes)})")
+    for sha, why in rep.bad:
+        click.echo(f"  BAD {sha}: {why}; moved to {store.quarantine_dir}")
+    if rep.bad:
+        sys.exit(4)
+
+
+@cache.command("gc")
+@click.option("--max-size", required=True, metavar="SIZE", help="Byte budget, e.g. 50G.")
+@cache_dir_option
+@click.pass_context
+@handle_errors
+def cache_gc(ctx: click.Context, max_size: str) -> None:
+    """Remove least recently used blobs until the store fits in --max-size."""
+    store = open_store(settings_from(ctx))
+    rep = store.gc(parse_size(max_size))
+    click.echo(
+        f"removed {rep.removed} blobs ({human_bytes(rep.freed)}); "
+        f"{rep.kept_in_use} in use were kept; store now {human_bytes(rep.size_after)}"
+    )
+
+
+# -- demo ------------------------------------------------------------------
+@main.command()
+@click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None, help="Work in this directory and keep it.")
+@handle_errors
+def demo(keep: Path | None) -> None:
+    """Run the whole flow offline on a small channel of real packages built on the spot."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(keep))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

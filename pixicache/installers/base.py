@@ -1,0 +1,77 @@
+"""The :class:`Installer` protocol: how a locked environment becomes a prefix.
+
+Installers are plugins registered under the entry-point group
+``pixicache.installers`` (built in: ``rattler``, ``pixi``; ``auto`` picks one).
+Each must produce the prefix Pixi itself would (``<workspace>/.pixi/envs/<env>``)
+from artifacts that are already verified in the node store, without network
+access to anything but the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from ..lockfile import Lock
+    from ..store import Store
+
+
+@dataclass
+class InstallRequest:
+    """Everything an installer needs.
+
+    Attributes:
+        workspace: the directory holding ``pixi.toml`` and ``pixi.lock``.
+        manifest: the manifest path.
+        lock: the parsed lock.
+        environment: the environment name (``default``).
+        platform: the platform to install (``linux-64``).
+        prefix: where the environment goes (``workspace/.pixi/envs/<env>``).
+        store: the node store; every artifact of the environment is present.
+        package_cache: the node's extracted-package cache directory.
+        pixi: a verified Pixi executable, if one is available.
+    """
+
+    workspace: Path
+    manifest: Path
+    lock: Lock
+    environment: str
+    platform: str
+    prefix: Path
+    store: Store
+    package_cache: Path
+    pixi: Path | None = None
+
+
+@dataclass
+class InstallResult:
+    """What an installer did."""
+
+    installer: str
+    prefix: Path
+    seconds: float
+    changed: bool  # False: the prefix was already up to date (a no-op)
+    packages: int
+    notes: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Installer(Protocol):
+    """Installs a locked environment from the node store into a prefix."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def available(cls, request: InstallRequest) -> tuple[bool, str]:
+        """Whether this installer can run here, and why (or why not)."""
+        ...
+
+    def install(self, request: InstallRequest) -> InstallResult:
+        """Make ``request.prefix`` hold exactly the lock's environment.
+
+        Raises:
+            InstallError: with a message a user can act on.
+        """
+        ...

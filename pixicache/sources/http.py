@@ -1,0 +1,227 @@
+"""HTTP(S) sources: a mirror (conda channel layout or digest endpoint) and upstream.
+
+* ``mirror=URL`` — a conda mirror: ``URL/<channel path>/<subdir>/<file>``, as
+  pixi's ``mirrors`` setting maps channels. Every request carries
+  ``x-expected-sha256`` (as rattler does), so a pixicache mirror can verify
+  a fill. Artifacts that are not conda packages go to ``URL/sha256/<hex>``.
+* ``digest=URL`` — a pixicache mirror addressed by digest only:
+  ``URL/sha256/<hex>?url=<upstream URL>`` (the mirror fills a miss from that
+  URL if it is under one of its allow-listed upstreams).
+* ``upstream`` — the artifact's own URL, as the lock records it.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import TYPE_CHECKING, ClassVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from ..errors import SourceUnavailable
+
+if TYPE_CHECKING:
+    from ..artifact import Artifact
+    from ..store import BlobWriter
+    from .base import FetchContext
+
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 507})
+
+
+def describe_transport_error(url: str, exc: Exception) -> tuple[str, bool]:
+    """A user-facing reason for an httpx transport error, and whether it is transient.
+
+    Name-resolution failures are not transient (the host does not exist from
+    here); refused connections, resets and timeouts are.
+    """
+    host = urlsplit(url).netloc or url
+    proxy = proxy_for(url)
+    if proxy:
+        host = f"{host} (through the proxy {proxy})"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve host {host} ({cause.strerror or cause})", False
+        if isinstance(cause, ConnectionRefusedError) or (
+            isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED
+        ):
+            return f"connection to {host} refused", True
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc) or type(exc).__name__
+    lowered = text.lower()
+    if "name or service not known" in lowered or "name resolution" in lowered or "nodename" in lowered:
+        return f"cannot resolve host {host} ({text})", False
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect to {host}: {text}", True
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out talking to {host} ({type(exc).__name__})", True
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"{host} closed the connection early ({text})", True
+    return f"error talking to {host}: {text}", True
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy httpx will use for ``url`` per ``HTTP(S)_PROXY``/``NO_PROXY``, if any."""
+    import urllib.request
+
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
+
+
+def stream_http(
+    ctx: FetchContext,
+    url: str,
+    writer: BlobWriter,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """One GET of ``url`` into ``writer``, resuming from ``writer.offset``.
+
+    Raises :class:`SourceUnavailable` (transient or not) for every failure.
+    """
+    req_headers = dict(headers or {})
+    offset = writer.offset
+    if offset:
+        req_headers["Range"] = f"bytes={offset}-"
+    try:
+        with ctx.client.stream("GET", url, headers=req_headers) as resp:
+            status = resp.status_code
+            if status in (404, 410):
+                raise SourceUnavailable(f"{url}: HTTP {status} (not there)")
+            if status == 416 and offset:
+                writer.restart()
+                raise SourceUnavailable(f"{url}: HTTP 416 for a resume", transient=True)
+            if status in TRANSIENT_STATUS:
+                raise SourceUnavailable(f"{url}: HTTP {status}", transient=True)
+            if status == 206:
+                start = _content_range_start(resp.headers.get("content-range", ""))
+                if start != offset:
+                    writer.restart()
+                    raise SourceUnavailable(
+                        f"{url}: the server answered a Range request with bytes from {start}",
+                        transient=True,
+                    )
+            elif status == 200:
+                if offset:
+                    writer.restart()  # the server ignored Range: start over
+            else:
+                raise SourceUnavailable(f"{url}: HTTP {status}")
+            for chunk in resp.iter_raw():
+                writer.write(chunk)
+    except httpx.TransportError as exc:
+        reason, transient = describe_transport_error(url, exc)
+        raise SourceUnavailable(reason, transient=transient) from exc
+    except httpx.InvalidURL as exc:
+        raise SourceUnavailable(f"invalid URL {url!r}: {exc}") from exc
+
+
+def _content_range_start(value: str) -> int | None:
+    # "bytes 100-199/200"
+    try:
+        unit, _, rest = value.partition(" ")
+        if unit.strip().lower() != "bytes":
+            return None
+        return int(rest.split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def channel_path(artifact: Artifact) -> str | None:
+    """The path of the artifact's channel on its host (``/conda-forge``)."""
+    if not artifact.channel:
+        return None
+    path = urlsplit(artifact.channel).path.rstrip("/")
+    return path or None
+
+
+class MirrorSource:
+    """A conda mirror laid out like its channels (``--source mirror=URL``)."""
+
+    kind: ClassVar[str] = "mirror"
+    tier = "mirror"
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.label = f"mirror {self.base_url}"
+
+    @classmethod
+    def claims(cls, spec: str) -> bool:
+        return spec.startswith(("http://", "https://"))
+
+    @classmethod
+    def from_spec(cls, value: str) -> MirrorSource:
+        return cls(value)
+
+    def location(self, artifact: Artifact) -> str | None:
+        chan = channel_path(artifact)
+        if artifact.kind == "conda" and chan and artifact.subdir:
+            return f"{self.base_url}{chan}/{artifact.subdir}/{artifact.filename}"
+        return digest_url(self.base_url, artifact)
+
+    def fetch(self, artifact: Artifact, writer: BlobWriter, ctx: FetchContext) -> None:
+        url = self.location(artifact)
+        assert url is not None
+        stream_http(ctx, url, writer, {"x-expected-sha256": artifact.sha256})
+
+
+def digest_url(base_url: str, artifact: Artifact) -> str:
+    """``BASE/sha256/<hex>?url=<upstream>``: a pixicache mirror's digest endpoint."""
+    return f"{base_url}/sha256/{artifact.sha256}?url={quote(artifact.url, safe='')}"
+
+
+class DigestSource:
+    """A pixicache mirror addressed by digest (``--source digest=URL``)."""
+
+    kind: ClassVar[str] = "digest"
+    tier = "mirror"
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.label = f"mirror {self.base_url} (by digest)"
+
+    @classmethod
+    def claims(cls, spec: str) -> bool:
+        return False
+
+    @classmethod
+    def from_spec(cls, value: str) -> DigestSource:
+        return cls(value)
+
+    def location(self, artifact: Artifact) -> str | None:
+        return digest_url(self.base_url, artifact)
+
+    def fetch(self, artifact: Artifact, writer: BlobWriter, ctx: FetchContext) -> None:
+        stream_http(ctx, digest_url(self.base_url, artifact), writer)
+
+
+class UpstreamSource:
+    """The artifact's own URL (``--source upstream``)."""
+
+    kind: ClassVar[str] = "upstream"
+    tier = "upstream"
+    label = "upstream"
+
+    @classmethod
+    def claims(cls, spec: str) -> bool:
+        return spec == "upstream"
+
+    @classmethod
+    def from_spec(cls, value: str) -> UpstreamSource:
+        return cls()
+
+    def location(self, artifact: Artifact) -> str | None:
+        if artifact.url.startswith(("http://", "https://", "file://")):
+            return artifact.url
+        return None
+
+    def fetch(self, artifact: Artifact, writer: BlobWriter, ctx: FetchContext) -> None:
+        if artifact.url.startswith("file://"):
+            from .local import copy_file, path_from_file_url
+
+            copy_file(path_from_file_url(artifact.url), writer, ctx.chunk_size)
+            return
+        stream_http(ctx, artifact.url, writer)

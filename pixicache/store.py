@@ -1,0 +1,500 @@
+"""The content-addressed store (CAS): verified blobs keyed by SHA-256.
+
+Layout under the store root::
+
+    sha256/ab/abcdef...      committed blobs, read-only, named by their digest
+    partial/abcdef....part   an interrupted download, kept to resume with Range
+    locks/abcdef....lock     per-artifact flock files (see :mod:`pixicache.locking`)
+    quarantine/              blobs that failed ``verify``
+    index.sqlite             url -> digest, size, first/last use (WAL mode)
+
+The contract, as in pooch's ``stream_download``: bytes stream into a partial
+file while being hashed; only when the digest and size match the expected
+ones is the file fsync'd and renamed into ``sha256/``. A wrong or partial file
+is never visible under a digest name. A process that dies mid-download leaves
+only ``partial/``, which the next writer resumes.
+
+Several processes (HTCondor slots on one node) may share a store: a writer
+holds the artifact's exclusive lock, so each artifact is downloaded once per
+node and the others wait, then find it present. Readers hold a shared lock
+(:meth:`Store.pin`) so ``gc`` never removes a blob in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from .artifact import Artifact, is_sha256
+from .errors import IntegrityError, StoreError, StoreFull
+from .locking import FileLock, LockTimeout
+
+HASH_CHUNK = 1 << 20
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256 TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    first_use REAL NOT NULL,
+    last_use REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS urls (
+    url TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blobs_last_use ON blobs(last_use);
+"""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file, as 64 hex digits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class StoreInfo:
+    """What ``pixicache cache info`` reports."""
+
+    root: Path
+    blobs: int
+    bytes: int
+    partial_files: int
+    partial_bytes: int
+    quarantined: int
+    urls: int
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :meth:`Store.verify`."""
+
+    checked: int = 0
+    bytes: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (sha256, reason)
+
+
+@dataclass
+class GcReport:
+    """The outcome of :meth:`Store.gc`."""
+
+    removed: int = 0
+    freed: int = 0
+    kept_in_use: int = 0
+    size_after: int = 0
+
+
+class BlobWriter:
+    """Streams one artifact into the store; obtain it from :meth:`Store.writer`.
+
+    ``offset`` is where the partial file ends: a source may resume there with
+    an HTTP Range request and :meth:`write` the rest, or call :meth:`restart`
+    first to start from zero. :meth:`commit` verifies digest and size and makes
+    the blob visible; leaving the context without commit keeps the partial
+    file for a later resume (unless :meth:`discard` was called).
+    """
+
+    def __init__(self, store: Store, artifact: Artifact) -> None:
+        self.store = store
+        self.artifact = artifact
+        self.partial_path = store.partial_dir / f"{artifact.sha256}.part"
+        self._hash = hashlib.sha256()
+        self._fh: BinaryIO | None = None
+        self.offset = 0
+        self.resumed_from = 0
+        self.written = 0  # bytes written through this writer (not resumed ones)
+        self.on_write: Callable[[int], None] | None = None  # progress hook
+        self._open()
+
+    def _open(self) -> None:
+        path = self.partial_path
+        fh = open(path, "a+b")  # noqa: SIM115 - closed in close()
+        fh.seek(0)
+        size = 0
+        while chunk := fh.read(HASH_CHUNK):
+            self._hash.update(chunk)
+            size += len(chunk)
+        expected = self.artifact.size
+        if expected is not None and size > expected:
+            fh.truncate(0)
+            self._hash = hashlib.sha256()
+            size = 0
+        fh.seek(size)
+        self._fh = fh
+        self.offset = self.resumed_from = size
+
+    def reopen(self) -> None:
+        """Start afresh after :meth:`discard` (e.g. to try another source)."""
+        self.close()
+        self._hash = hashlib.sha256()
+        self._open()
+
+    def restart(self) -> None:
+        """Forget the partial bytes and start the file from zero."""
+        assert self._fh is not None
+        self._fh.seek(0)
+        self._fh.truncate(0)
+        self._hash = hashlib.sha256()
+        if self.on_write is not None and self.offset:
+            self.on_write(-self.offset)
+        self.offset = 0
+        self.resumed_from = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes (hashing them); raises :class:`StoreFull` on ENOSPC."""
+        assert self._fh is not None
+        n = len(data)
+        expected = self.artifact.size
+        if expected is not None and self.offset + n > expected:
+            raise IntegrityError(
+                f"{self.artifact.filename}: the source sent more than the "
+                f"{expected} bytes the lock records",
+                expected=self.artifact.sha256,
+            )
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            self._raise_os(exc)
+        self._hash.update(data)
+        self.offset += n
+        self.written += n
+        if self.on_write is not None:
+            self.on_write(n)
+
+    def _raise_os(self, exc: OSError) -> None:
+        import errno
+
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.discard()
+            raise StoreFull(
+                f"no space left in the store {self.store.root} while writing "
+                f"{self.artifact.filename}: free space or run `pixicache cache gc`"
+            ) from exc
+        raise StoreError(f"cannot write to the store {self.store.root}: {exc}") from exc
+
+    def commit(self) -> Path:
+        """Verify digest and size, fsync and rename into place; return the blob path.
+
+        On a mismatch the partial bytes are deleted and :class:`IntegrityError`
+        names both digests.
+        """
+        assert self._fh is not None
+        art = self.artifact
+        actual = self._hash.hexdigest()
+        if actual != art.sha256 or (art.size is not None and self.offset != art.size):
+            size_note = (
+                f" (got {self.offset} bytes, expected {art.size})"
+                if art.size is not None and self.offset != art.size
+                else ""
+            )
+            self.discard()
+            raise IntegrityError(
+                f"{art.filename}: SHA-256 mismatch: expected {art.sha256}, got {actual}{size_note}",
+                expected=art.sha256,
+                actual=actual,
+            )
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            os.fchmod(self._fh.fileno(), self.store.blob_mode)
+        except OSError as exc:
+            self._raise_os(exc)
+        self._fh.close()
+        self._fh = None
+        dest = self.store.path_for(art.sha256)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.partial_path, dest)
+        _fsync_dir(dest.parent)
+        self.store.record(art.sha256, self.offset, url=art.url)
+        return dest
+
+    def discard(self) -> None:
+        """Delete the partial bytes (used on a digest mismatch or bad data)."""
+        self.close()
+        if self.on_write is not None and self.offset:
+            self.on_write(-self.offset)
+        self.offset = 0
+        with contextlib.suppress(FileNotFoundError):
+            self.partial_path.unlink()
+
+    def close(self) -> None:
+        """Close the partial file (kept for a resume unless it is empty)."""
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.flush()
+            self._fh.close()
+            self._fh = None
+            if self.offset == 0:
+                with contextlib.suppress(FileNotFoundError):
+                    self.partial_path.unlink()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Store:
+    """A content-addressed store rooted at a directory.
+
+    Args:
+        root: the store directory (created if missing).
+        shared: make blobs and directories group-readable/writable (for a
+            store shared by several Unix users: see the README).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, shared: bool | None = None) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.blob_dir = self.root / "sha256"
+        self.partial_dir = self.root / "partial"
+        self.lock_dir = self.root / "locks"
+        self.quarantine_dir = self.root / "quarantine"
+        self.index_path = self.root / "index.sqlite"
+        try:
+            for d in (self.root, self.blob_dir, self.partial_dir, self.lock_dir, self.quarantine_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the store at {self.root}: {exc.strerror}. "
+                "Set --cache-dir or PIXICACHE_CACHE_DIR to a writable directory."
+            ) from exc
+        if shared is None:
+            shared = bool(self.root.stat().st_mode & stat.S_ISGID)
+        self.shared = shared
+        self.blob_mode = 0o444  # blobs are immutable; readable by every user of the node
+        self._local = threading.local()
+        self._init_index()
+
+    # -- index ------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.index_path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def _init_index(self) -> None:
+        try:
+            with FileLock(self.lock_dir / "index.lock"):
+                conn = self._db()
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"the store index {self.index_path} is unusable ({exc}); "
+                "move it aside: it is rebuilt from the blobs on the next run"
+            ) from exc
+
+    def record(self, sha256: str, size: int, *, url: str | None = None) -> None:
+        """Note that ``sha256`` (of ``size`` bytes) is present and was used now."""
+        now = time.time()
+        conn = self._db()
+        conn.execute(
+            "INSERT INTO blobs(sha256, size, first_use, last_use) VALUES (?,?,?,?) "
+            "ON CONFLICT(sha256) DO UPDATE SET last_use=excluded.last_use",
+            (sha256, size, now, now),
+        )
+        if url:
+            conn.execute("INSERT OR REPLACE INTO urls(url, sha256) VALUES (?,?)", (url, sha256))
+
+    def touch(self, artifacts: Iterable[Artifact]) -> None:
+        """Record a use of present artifacts (one transaction)."""
+        now = time.time()
+        rows = [(a.sha256, a.size or 0, now, now) for a in artifacts]
+        urls = [(a.url, a.sha256) for a in artifacts if a.url]
+        conn = self._db()
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(
+                "INSERT INTO blobs(sha256, size, first_use, last_use) VALUES (?,?,?,?) "
+                "ON CONFLICT(sha256) DO UPDATE SET last_use=excluded.last_use",
+                rows,
+            )
+            conn.executemany("INSERT OR REPLACE INTO urls(url, sha256) VALUES (?,?)", urls)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def lookup_url(self, url: str) -> str | None:
+        """The digest last stored for ``url``, if any."""
+        row = self._db().execute("SELECT sha256 FROM urls WHERE url=?", (url,)).fetchone()
+        return row[0] if row else None
+
+    # -- blobs ------------------------------------------------------------
+    def path_for(self, sha256: str) -> Path:
+        """Where the blob of ``sha256`` lives (whether or not it exists)."""
+        if not is_sha256(sha256):
+            raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+        return self.blob_dir / sha256[:2] / sha256
+
+    def has(self, sha256: str, size: int | None = None) -> bool:
+        """True if the blob is present (and of ``size`` bytes, when given)."""
+        try:
+            st = self.path_for(sha256).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def lock(self, sha256: str, *, timeout: float | None = None) -> FileLock:
+        """The exclusive lock a writer holds while filling ``sha256``."""
+        return FileLock(self.lock_dir / f"{sha256}.lock", timeout=timeout, mode=self._lock_mode)
+
+    @contextlib.contextmanager
+    def pin(self, sha256: str) -> Iterator[Path]:
+        """Hold a shared lock on a present blob while using it; yields its path.
+
+        ``gc`` skips pinned blobs. Raises :class:`FileNotFoundError` if absent.
+        """
+        with FileLock(self.lock_dir / f"{sha256}.lock", shared=True, mode=self._lock_mode):
+            path = self.path_for(sha256)
+            if not path.exists():
+                raise FileNotFoundError(path)
+            yield path
+
+    @property
+    def _lock_mode(self) -> int:
+        return 0o666 if self.shared else 0o644
+
+    def writer(self, artifact: Artifact) -> BlobWriter:
+        """A :class:`BlobWriter` for ``artifact``; hold :meth:`lock` around it."""
+        return BlobWriter(self, artifact)
+
+    def add_file(self, path: str | os.PathLike[str], artifact: Artifact) -> Path:
+        """Copy a local file into the store, verifying it on the way."""
+        with self.lock(artifact.sha256):
+            if self.has(artifact.sha256, artifact.size):
+                return self.path_for(artifact.sha256)
+            w = self.writer(artifact)
+            w.restart()
+            with open(path, "rb") as src, w:
+                while chunk := src.read(HASH_CHUNK):
+                    w.write(chunk)
+                return w.commit()
+
+    def iter_blobs(self) -> Iterator[tuple[str, Path, os.stat_result]]:
+        """Every committed blob: (sha256, path, stat)."""
+        for sub in sorted(self.blob_dir.iterdir()):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub):
+                if is_sha256(entry.name):
+                    yield entry.name, Path(entry.path), entry.stat()
+
+    # -- maintenance ------------------------------------------------------
+    def info(self) -> StoreInfo:
+        """Counts and sizes of what the store holds."""
+        blobs = total = 0
+        for _, _, st in self.iter_blobs():
+            blobs += 1
+            total += st.st_size
+        parts = [p.stat().st_size for p in self.partial_dir.glob("*.part")]
+        quarantined = sum(1 for _ in self.quarantine_dir.iterdir())
+        urls = self._db().execute("SELECT COUNT(*) FROM urls").fetchone()[0]
+        return StoreInfo(self.root, blobs, total, len(parts), sum(parts), quarantined, urls)
+
+    def verify(self, *, progress: object = None) -> VerifyReport:
+        """Re-hash every blob; move bad ones to ``quarantine/`` and forget them."""
+        report = VerifyReport()
+        for sha, path, st in list(self.iter_blobs()):
+            try:
+                lock = FileLock(self.lock_dir / f"{sha}.lock", timeout=0, mode=self._lock_mode)
+                lock.acquire()
+            except LockTimeout:
+                continue  # being written or used right now: not ours to judge
+            try:
+                actual = hash_file(path)
+                report.checked += 1
+                report.bytes += st.st_size
+                if actual != sha:
+                    report.bad.append((sha, f"content hashes to {actual}"))
+                    os.replace(path, self.quarantine_dir / f"{sha}.{int(time.time())}")
+                    self._forget(sha)
+            finally:
+                lock.release()
+        return report
+
+    def _forget(self, sha256: str) -> None:
+        conn = self._db()
+        conn.execute("DELETE FROM blobs WHERE sha256=?", (sha256,))
+        conn.execute("DELETE FROM urls WHERE sha256=?", (sha256,))
+
+    def remove(self, sha256: str) -> bool:
+        """Delete one blob unless it is in use; True if it was removed."""
+        try:
+            lock = FileLock(self.lock_dir / f"{sha256}.lock", timeout=0, mode=self._lock_mode)
+            lock.acquire()
+        except LockTimeout:
+            return False
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self.path_for(sha256).unlink()
+            self._forget(sha256)
+            return True
+        finally:
+            lock.release()
+
+    def gc(self, max_bytes: int) -> GcReport:
+        """Remove least-recently-used blobs until the store holds <= ``max_bytes``.
+
+        A blob that another process has pinned or is writing is never removed.
+        """
+        blobs = {sha: st for sha, _, st in self.iter_blobs()}
+        total = sum(st.st_size for st in blobs.values())
+        last_use = dict(self._db().execute("SELECT sha256, last_use FROM blobs").fetchall())
+        order = sorted(blobs, key=lambda s: last_use.get(s, blobs[s].st_mtime))
+        report = GcReport()
+        for sha in order:
+            if total <= max_bytes:
+                break
+            size = blobs[sha].st_size
+            if self.remove(sha):
+                total -= size
+                report.removed += 1
+                report.freed += size
+            else:
+                report.kept_in_use += 1
+        report.size_after = total
+        return report
+
+    def remove_partial(self, sha256: str) -> bool:
+        """Delete an interrupted download unless a writer holds it."""
+        try:
+            lock = FileLock(self.lock_dir / f"{sha256}.lock", timeout=0, mode=self._lock_mode)
+            lock.acquire()
+        except LockTimeout:
+            return False
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                (self.partial_dir / f"{sha256}.part").unlink()
+            return True
+        finally:
+            lock.release()
+
+    def clear(self) -> None:
+        """Delete everything (used by tests and ``cache clear``)."""
+        shutil.rmtree(self.root, ignore_errors=True)

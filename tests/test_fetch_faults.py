@@ -1,0 +1,181 @@
+"""The source chain under injected faults (respx: precise, fast unit tests).
+
+Integration through real local servers is in test_prefetch.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import httpx
+import pytest
+import respx
+
+from pixicache.errors import IntegrityError
+from pixicache.fetch import Fetcher
+from pixicache.sources.http import MirrorSource, UpstreamSource
+from pixicache.sources.local import LocalDirSource
+from pixicache.store import Store
+
+from .helpers import artifact_for
+
+UP = "https://conda.anaconda.org/conda-forge/linux-64/pkg-1.0-0.conda"
+MIRROR = "http://mirror.test:8080"
+MIRROR_URL = f"{MIRROR}/conda-forge/linux-64/pkg-1.0-0.conda"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture
+def data():
+    return os.urandom(200_000)
+
+
+def fetcher(store, *sources, **kw):
+    sleeps: list[float] = []
+    f = Fetcher(store, list(sources), jobs=2, retries=kw.pop("retries", 3), sleep=sleeps.append, **kw)
+    f.sleeps = sleeps  # type: ignore[attr-defined]
+    return f
+
+
+@respx.mock
+def test_wrong_bytes_from_the_mirror_fall_through_to_upstream(store, data):
+    art = artifact_for(data, UP)
+    wrong = bytes(reversed(data))
+    respx.get(MIRROR_URL).respond(200, content=wrong)
+    respx.get(UP).respond(200, content=data)
+    report = fetcher(store, MirrorSource(MIRROR), UpstreamSource()).fetch([art])
+    (r,) = report.results
+    assert r.ok and r.tier == "upstream"
+    assert len(r.attempts) == 1
+    assert art.sha256 in r.attempts[0] and hashlib.sha256(wrong).hexdigest() in r.attempts[0]
+    assert store.path_for(art.sha256).read_bytes() == data
+
+
+@respx.mock
+def test_the_mirror_gets_the_expected_digest_header(store, data):
+    art = artifact_for(data, UP)
+    route = respx.get(MIRROR_URL).respond(200, content=data)
+    assert fetcher(store, MirrorSource(MIRROR)).fetch([art]).ok
+    assert route.calls.last.request.headers["x-expected-sha256"] == art.sha256
+
+
+@respx.mock
+def test_wrong_bytes_everywhere_is_an_integrity_error_naming_the_artifact(store, data):
+    art = artifact_for(data, UP)
+    respx.get(UP).respond(200, content=b"x" * len(data))
+    report = fetcher(store, UpstreamSource()).fetch([art])
+    (r,) = report.results
+    assert isinstance(r.error, IntegrityError) and r.error.exit_code == 4
+    assert "pkg-1.0-0.conda" in str(r.error) and art.sha256 in str(r.error)
+    assert not store.has(art.sha256)
+    assert not list(store.partial_dir.iterdir())
+
+
+@respx.mock
+def test_transient_errors_are_retried_with_backoff(store, data):
+    art = artifact_for(data, UP)
+    route = respx.get(UP)
+    route.side_effect = [httpx.Response(503), httpx.Response(500), httpx.Response(200, content=data)]
+    f = fetcher(store, UpstreamSource(), backoff=0.5)
+    assert f.fetch([art]).ok
+    assert route.call_count == 3
+    assert f.sleeps == [0.5, 1.0]
+
+
+@respx.mock
+def test_404_moves_on_at_once(store, data):
+    art = artifact_for(data, UP)
+    m = respx.get(MIRROR_URL).respond(404)
+    respx.get(UP).respond(200, content=data)
+    f = fetcher(store, MirrorSource(MIRROR), UpstreamSource())
+    (r,) = f.fetch([art]).results
+    assert r.tier == "upstream" and m.call_count == 1 and f.sleeps == []
+    assert "HTTP 404" in r.attempts[0]
+
+
+@respx.mock
+def test_a_truncated_body_is_resumed_with_range(store, data):
+    art = artifact_for(data, UP)
+    calls = []
+
+    def handler(request):
+        calls.append(request.headers.get("range"))
+        if len(calls) == 1:
+            # what a connection dropped mid-body looks like to httpx
+            return httpx.Response(200, stream=_Truncating(data, 70_000))
+        start = int(request.headers["range"].split("=")[1].rstrip("-"))
+        return httpx.Response(
+            206, content=data[start:], headers={"content-range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+        )
+
+    respx.get(UP).mock(side_effect=handler)
+    (r,) = fetcher(store, UpstreamSource()).fetch([art]).results
+    assert r.ok, r.attempts
+    assert calls == [None, "bytes=70000-"]
+    assert store.path_for(art.sha256).read_bytes() == data
+
+
+@respx.mock
+def test_a_server_ignoring_range_restarts_cleanly(store, data):
+    art = artifact_for(data, UP)
+    (store.partial_dir / f"{art.sha256}.part").write_bytes(data[:5000])
+    respx.get(UP).respond(200, content=data)
+    (r,) = fetcher(store, UpstreamSource()).fetch([art]).results
+    assert r.ok and r.resumed_from == 5000
+    assert store.path_for(art.sha256).read_bytes() == data
+
+
+@respx.mock
+def test_an_unresolvable_host_is_named_and_not_retried_for_every_artifact(store):
+    import socket
+
+    arts = [artifact_for(os.urandom(100), f"https://conda.anaconda.org/conda-forge/noarch/p{i}-1-0.conda") for i in range(5)]
+    route = respx.get(url__startswith="https://conda.anaconda.org/")
+    route.side_effect = httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+    route.side_effect.__cause__ = socket.gaierror(-3, "Temporary failure in name resolution")
+    f = fetcher(store, UpstreamSource())
+    f.jobs = 1
+    report = f.fetch(arts)
+    assert not report.ok and len(report.missing) == 5
+    assert route.call_count == 1  # then the source is skipped
+    first = report.results[0]
+    assert "cannot resolve host conda.anaconda.org" in first.attempts[0]
+    assert all("skipped" in r.attempts[0] for r in report.results[1:])
+    assert f.sleeps == []
+
+
+def test_a_local_directory_source_is_verified_too(store, tmp_path, data):
+    art = artifact_for(data, UP)
+    d = tmp_path / "pkgs" / "conda-forge" / "linux-64"
+    d.mkdir(parents=True)
+    (d / art.filename).write_bytes(data)
+    (r,) = fetcher(store, LocalDirSource(tmp_path / "pkgs")).fetch([art]).results
+    assert r.ok and r.tier == "local" and r.bytes == len(data)
+    (d / art.filename).write_bytes(b"0" * len(data))
+    other = Store(tmp_path / "other")
+    (r,) = fetcher(other, LocalDirSource(tmp_path / "pkgs")).fetch([art]).results
+    assert not r.ok and "SHA-256 mismatch" in r.attempts[0]
+
+
+@respx.mock
+def test_a_second_fetch_is_a_hit_with_no_request(store, data):
+    art = artifact_for(data, UP)
+    route = respx.get(UP).respond(200, content=data)
+    fetcher(store, UpstreamSource()).fetch([art])
+    report = fetcher(store, UpstreamSource()).fetch([art])
+    assert report.results[0].tier == "store" and route.call_count == 1
+    assert report.by_tier()["store"] == {"artifacts": 1, "bytes": len(data), "transferred": 0}
+
+
+class _Truncating(httpx.SyncByteStream):
+    def __init__(self, data: bytes, cut: int) -> None:
+        self.data, self.cut = data, cut
+
+    def __iter__(self):
+        yield self.data[: self.cut]
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
