@@ -12,7 +12,10 @@ Each setting is taken from the first place that has it:
        sources = ["mirror=http://mirror.example.org:8080", "upstream"]
        jobs = 8
 
-       [pixi.pins]   # extra Pixi release pins (see `pixicache pixi pins`)
+       [[pixi.pin]]   # an extra Pixi release pin (see `pixicache pixi pins`)
+       version = "0.80.0"
+       target = "x86_64-unknown-linux-musl"
+       sha256 = "..."
 
 4. defaults: the platformdirs user cache dir, ``["upstream"]``, 8 jobs.
 """

@@ -92,13 +92,13 @@ class FetchReport:
         return out
 
     def by_source(self) -> dict[str, dict[str, int]]:
-        """Like :meth:`by_tier` but per source label."""
+        """Like :meth:`by_tier` but per source label (``node store`` for hits)."""
         out: dict[str, dict[str, int]] = {}
         for r in self.results:
             key = r.source or ("node store" if r.tier == "store" else "missing")
             slot = out.setdefault(key, {"artifacts": 0, "bytes": 0})
             slot["artifacts"] += 1
-            slot["bytes"] += r.bytes if r.tier != "store" else r.artifact.size or 0
+            slot["bytes"] += r.artifact.size or 0
         return out
 
     def to_json(self) -> dict[str, object]:
