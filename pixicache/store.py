@@ -216,7 +216,8 @@ class BlobWriter:
             )
         try:
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            if self.store.durable:
+                os.fdatasync(self._fh.fileno())
             os.fchmod(self._fh.fileno(), self.store.blob_mode)
         except OSError as exc:
             self._raise_os(exc)
@@ -225,7 +226,8 @@ class BlobWriter:
         dest = self.store.path_for(art.sha256)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.partial_path, dest)
-        _fsync_dir(dest.parent)
+        if self.store.durable:
+            _fsync_dir(dest.parent)
         self.store.record(art.sha256, self.offset, url=art.url)
         return dest
 
@@ -261,12 +263,26 @@ class Store:
 
     Args:
         root: the store directory (created if missing).
-        shared: make blobs and directories group-readable/writable (for a
-            store shared by several Unix users: see the README).
+        shared: make lock files writable by the group (for a store shared by
+            several Unix users: see the README); default: the root's setgid bit.
+        durable: fsync each blob (and its directory) before it becomes
+            visible, so a power cut cannot leave a named blob with wrong bytes.
+            Default true; ``PIXICACHE_FSYNC=0`` turns it off for scratch stores
+            that do not outlive a job (then a crash can leave a bad blob, which
+            ``cache verify`` finds; installs through rattler re-check digests).
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, shared: bool | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        shared: bool | None = None,
+        durable: bool | None = None,
+    ) -> None:
         self.root = Path(root).expanduser().absolute()
+        if durable is None:
+            durable = os.environ.get("PIXICACHE_FSYNC", "1").lower() not in ("0", "false", "no")
+        self.durable = durable
         self.blob_dir = self.root / "sha256"
         self.partial_dir = self.root / "partial"
         self.lock_dir = self.root / "locks"
