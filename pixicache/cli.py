@@ -219,8 +219,11 @@ def demo(keep: Path | None) -> None:
 
 def _register_plugins() -> None:
     """Subcommands that live next to the code they drive."""
+    from .agent_cli import install_command, run_command
     from .pixi.cli import pixi_group
 
+    main.add_command(install_command)
+    main.add_command(run_command)
     main.add_command(pixi_group)
 
 

@@ -28,6 +28,7 @@ from typing import Protocol
 import httpx
 
 from .artifact import Artifact
+from .config import DEFAULT_JOBS
 from .errors import FetchError, IntegrityError, PixicacheError, SourceUnavailable, StoreFull
 from .sources.base import FetchContext, Source
 from .locking import LockTimeout
@@ -35,10 +36,6 @@ from .store import BlobWriter, Store
 
 READ_SIZE = 1 << 20
 """Bytes asked of the socket per read on downloads."""
-
-DEFAULT_JOBS = 8
-"""Parallel downloads: enough to fill a 1 Gb/s link with conda-forge's latency."""
-
 
 @dataclass
 class FetchResult:

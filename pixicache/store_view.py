@@ -192,7 +192,7 @@ class StoreView:
             self._server = _Server((self.host, 0), self)
             self._thread = threading.Thread(
                 target=self._server.serve_forever,
-                kwargs={"poll_interval": 0.1},
+                kwargs={"poll_interval": 0.01},
                 name="pixicache-store-view",
                 daemon=True,
             )

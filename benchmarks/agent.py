@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""The agent's install times on a size-faithful environment of REAL conda packages.
+
+For each ``--scale``, :func:`pixicache.testing.make_package_workload` builds
+installable packages whose payload sizes are the shared GPU lock's (121
+packages, 3.7 GB at scale 1.0) times the scale, and their lock; an
+:class:`~pixicache.testing.UpstreamServer` serves them as the local mirror.
+Then, each as a fresh process, as a job runs it:
+
+``cold``
+    ``pixicache install`` with an empty node store and package cache: fetch
+    everything from the mirror, extract, link.
+``warm``
+    ``pixicache install`` in a fresh working directory on the same node: the
+    store and the package cache are warm (every artifact a store hit, no
+    request), only the prefix is new. Best of ``--repeat``.
+``rattler``
+    plain ``rattler.install`` of the same records into a fresh prefix with the
+    same warm package cache, timed around the call in a child process (no
+    interpreter start, no lock parsing). Best of ``--repeat``.
+
+``ratio`` is warm / (rattler + 0.5 s); the goal is <= 1.1 (reported, not
+asserted). Wall times include the interpreter start of ``pixicache`` (what a
+job sees); ``agent`` is the time the agent itself reports.
+
+    python benchmarks/agent.py --scale 0.01 --scale 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pixicache.testing import UpstreamServer, make_package_workload  # noqa: E402
+
+MANIFEST = """[workspace]
+name = "bench"
+channels = ["conda-forge"]
+platforms = ["{platform}"]
+
+[tasks]
+noop = "true"
+"""
+
+_SHIM = (
+    "from pixicache.cli import main\n"
+    "from pixicache.agent_cli import install_command, run_command\n"
+    "main.commands.setdefault('install', install_command)\n"
+    "main.commands.setdefault('run', run_command)\n"
+    "main(prog_name='pixicache')\n"
+)
+
+PLAIN = r"""
+import asyncio, json, os, sys, time
+from pathlib import Path
+import rattler
+lock, env_name, platform, prefix, cache = sys.argv[1:6]
+lf = rattler.LockFile.from_path(lock)
+env = lf.environment(env_name)
+plat = [p for p in env.platforms() if p.name == platform][0]
+records = env.conda_repodata_records_for_platform(plat)
+t = time.perf_counter()
+asyncio.run(rattler.install(records, target_prefix=prefix, cache_dir=Path(cache), show_progress=False))
+print(json.dumps({"seconds": time.perf_counter() - t}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def cli() -> list[str]:
+    from pixicache.cli import main
+
+    if "install" in main.commands:
+        return [sys.executable, "-m", "pixicache"]
+    return [sys.executable, "-c", _SHIM]
+
+
+def agent_install(ws: Path, store: Path, mirror: str) -> dict[str, Any]:
+    argv = [*cli(), "--cache-dir", str(store), "install", "--source", f"mirror={mirror}"]
+    t = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ws, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"pixicache install failed ({proc.returncode}):\n{proc.stderr}")
+    report = json.loads((ws / "pixicache-report.json").read_text())
+    return {"wall": wall, "agent": report["seconds"], "report": report}
+
+
+def plain_install(lock: Path, env: str, platform: str, prefix: Path, cache: Path) -> float:
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN, str(lock), env, platform, str(prefix), str(cache)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"plain rattler.install failed:\n{proc.stderr}")
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+
+
+def workspace(root: Path, lock: Path, platform: str) -> Path:
+    root.mkdir(parents=True)
+    shutil.copy(lock, root / "pixi.lock")
+    (root / "pixi.toml").write_text(MANIFEST.format(platform=platform))
+    return root
+
+
+def bench(scale: float, base: Path, repeat: int) -> dict[str, Any]:
+    t = time.perf_counter()
+    wl = make_package_workload(base / "workload", scale=scale)
+    build = time.perf_counter() - t
+    store = base / "node-store"
+    with UpstreamServer(wl.root) as srv:
+        cold = agent_install(workspace(base / "cold", wl.lock_path, wl.platform), store, srv.url)
+        requests_cold = len(srv.requests)
+        srv.reset_log()
+        warm = [
+            agent_install(workspace(base / f"warm{i}", wl.lock_path, wl.platform), store, srv.url)
+            for i in range(repeat)
+        ]
+        requests_warm = len(srv.requests)
+    plain = [
+        plain_install(
+            wl.lock_path, wl.environment, wl.platform, base / f"plain{i}" / "env", store / "pkgs"
+        )
+        for i in range(repeat)
+    ]
+    best_warm = min(w["wall"] for w in warm)
+    best_plain = min(plain)
+    return {
+        "scale": scale,
+        "packages": len(wl.artifacts),
+        "bytes": wl.total_bytes,
+        "build_s": build,
+        "cold_wall": cold["wall"],
+        "cold_agent": cold["agent"],
+        "cold_phases": cold["report"]["phases"],
+        "cold_requests": requests_cold,
+        "warm_wall": best_warm,
+        "warm_wall_median": statistics.median(w["wall"] for w in warm),
+        "warm_agent": min(w["agent"] for w in warm),
+        "warm_phases": min(warm, key=lambda w: w["wall"])["report"]["phases"],
+        "warm_requests": requests_warm,
+        "rattler": best_plain,
+        "ratio": best_warm / (best_plain + 0.5),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scale", type=float, action="append", help="workload scale (repeatable; default 0.01)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="warm and plain runs (best is reported)"
+    )
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this directory and keep it"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    scales = args.scale or [0.01]
+    base = args.keep or Path(tempfile.mkdtemp(prefix="pixicache-bench-agent-"))
+    rows = []
+    try:
+        for scale in scales:
+            rows.append(bench(scale, base / f"scale-{scale:g}", max(1, args.repeat)))
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+    print(
+        "| scale | packages | size | cold install (agent) | warm-node install (agent) "
+        "| plain rattler.install (warm cache) | warm / (rattler + 0.5 s) | requests cold / warm |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['scale']:g} | {r['packages']} | {r['bytes'] / 1e6:.1f} MB "
+            f"| {r['cold_wall']:.2f} s ({r['cold_agent']:.2f} s) "
+            f"| {r['warm_wall']:.2f} s ({r['warm_agent']:.2f} s) "
+            f"| {r['rattler']:.2f} s | {r['ratio']:.2f} | {r['cold_requests']} / {r['warm_requests']} |"
+        )
+    for r in rows:
+        print(
+            f"scale {r['scale']:g}: cold phases {r['cold_phases']}; warm phases {r['warm_phases']}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.pop("PIXICACHE_SOURCES", None)
+    sys.exit(main())

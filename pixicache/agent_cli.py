@@ -1,0 +1,173 @@
+"""The ``pixicache install`` and ``pixicache run`` commands (registered in :mod:`pixicache.cli`).
+
+Both print a summary on stderr and write ``pixicache-report.json`` (see
+:mod:`pixicache.report`) in the working directory, whatever happens. ``run``
+exits with the task's exit code; an agent failure exits with its documented
+code (``pixicache --help`` lists them).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .cli_common import cache_dir_option, jobs_option, settings_from, source_option
+from .report import REPORT_NAME, RunReport
+
+__all__ = ["install_command", "run_command"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _common(func: F) -> F:
+    """The options ``install`` and ``run`` share."""
+    options = [
+        cache_dir_option,
+        click.option(
+            "--manifest",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=Path("pixi.toml"),
+            show_default=True,
+            help="The workspace manifest; the lock is the pixi.lock beside it.",
+        ),
+        click.option(
+            "-e",
+            "--environment",
+            default=None,
+            help="The environment (install: default; run: where Pixi would run the task).",
+        ),
+        click.option(
+            "--installer",
+            default="auto",
+            show_default=True,
+            metavar="NAME",
+            help="auto (pixi with a verified Pixi, else rattler), rattler, pixi, or a plugin's name.",
+        ),
+        click.option(
+            "--pixi",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Use this Pixi executable; its SHA-256 must match a pin.",
+        ),
+        click.option(
+            "--trust-pixi",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Use this Pixi executable WITHOUT verifying it (logged as a warning).",
+        ),
+        click.option(
+            "--platform", default=None, help="Platform to install (default: this machine's)."
+        ),
+        click.option("--no-preflight", is_flag=True, help="Skip the preflight checks."),
+        source_option,
+        jobs_option,
+        click.option(
+            "--report",
+            "report_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=Path(REPORT_NAME),
+            show_default=True,
+            help="Where to write the JSON run report.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.command("install")
+@_common
+@click.pass_context
+def install_command(
+    ctx: click.Context,
+    manifest: Path,
+    environment: str | None,
+    installer: str,
+    pixi: Path | None,
+    trust_pixi: Path | None,
+    platform: str | None,
+    no_preflight: bool,
+    sources: tuple[str, ...],
+    jobs: int | None,
+    report_path: Path,
+) -> None:
+    """Install an environment of the lock beside the manifest: plan, fetch, install."""
+    from .agent import main_install
+    from .errors import PixicacheError
+
+    report = RunReport("install", report_path)
+    try:
+        settings = settings_from(ctx, sources, jobs)
+    except PixicacheError as exc:
+        click.echo(f"pixicache: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(
+        main_install(
+            manifest,
+            environment or "default",
+            report=report,
+            settings=settings,
+            installer=installer,
+            pixi=pixi,
+            trust_pixi=trust_pixi,
+            platform=platform,
+            preflight=not no_preflight,
+        )
+    )
+
+
+@click.command(
+    "run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@_common
+@click.argument("task")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def run_command(
+    ctx: click.Context,
+    manifest: Path,
+    environment: str | None,
+    installer: str,
+    pixi: Path | None,
+    trust_pixi: Path | None,
+    platform: str | None,
+    no_preflight: bool,
+    sources: tuple[str, ...],
+    jobs: int | None,
+    report_path: Path,
+    task: str,
+    args: tuple[str, ...],
+) -> None:
+    """Install the environment, then run TASK of the manifest with ARGS.
+
+    Exits with the task's exit code. SIGTERM, SIGINT and SIGHUP are forwarded
+    to the task's process group (HTCondor sends SIGTERM on eviction).
+    """
+    from .agent import main_run
+    from .errors import PixicacheError
+
+    report = RunReport("run", report_path)
+    try:
+        settings = settings_from(ctx, sources, jobs)
+    except PixicacheError as exc:
+        click.echo(f"pixicache: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(
+        main_run(
+            manifest,
+            task,
+            list(args),
+            environment=environment,
+            report=report,
+            settings=settings,
+            installer=installer,
+            pixi=pixi,
+            trust_pixi=trust_pixi,
+            platform=platform,
+            preflight=not no_preflight,
+        )
+    )

@@ -1,0 +1,292 @@
+"""``pixicache install`` / ``pixicache run`` end to end, as a job would run them.
+
+The real-package demo channel sits behind a local :class:`UpstreamServer`
+playing conda-forge (the lock's URLs are https://conda.anaconda.org/conda-forge;
+``--source mirror=<server>`` sends the agent there). Every command is a fresh
+interpreter (``python -m pixicache``); installs use the ``rattler`` installer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pixicache.testing import UpstreamServer, current_subdir
+
+PLATFORM = current_subdir()
+pytestmark = pytest.mark.skipif(
+    PLATFORM != "linux-64", reason="the demo channel is built for linux-64"
+)
+
+_SHIM = (
+    "import sys\n"
+    "from pixicache.cli import main\n"
+    "from pixicache.agent_cli import install_command, run_command\n"
+    "main.commands.setdefault('install', install_command)\n"
+    "main.commands.setdefault('run', run_command)\n"
+    "main(prog_name='pixicache')\n"
+)
+
+
+def _cli() -> list[str]:
+    """``python -m pixicache`` (with install/run registered even before cli.py has them)."""
+    from pixicache.cli import main
+
+    if "run" in main.commands and "install" in main.commands:
+        return [sys.executable, "-m", "pixicache"]
+    return [sys.executable, "-c", _SHIM]
+
+
+MANIFEST = """
+[workspace]
+name = "job"
+channels = ["conda-forge"]
+platforms = ["linux-64"]
+
+[tasks]
+hello = "hello"
+greet = { cmd = "hello --from {{ who }}", args = [{ arg = "who", default = "pixicache" }] }
+evict = { cmd = "trap 'echo TERM > term.txt; exit 42' TERM; echo ready > ready.txt; while true; do sleep 0.05; done" }
+unsupported = { cmd = "true", clean-env = true }
+"""
+
+
+def _workspace(root: Path, lock: Path, manifest: str = MANIFEST) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(lock, root / "pixi.lock")
+    (root / "pixi.toml").write_text(manifest)
+    return root
+
+
+def _agent(
+    ws: Path,
+    store: Path,
+    *args: str,
+    source: str | None,
+    popen: bool = False,
+    timeout: float = 120,
+    extra_env: dict[str, str] | None = None,
+):
+    argv = [*_cli(), "--cache-dir", str(store), args[0]]
+    if source is not None:
+        argv += ["--source", source]
+    argv += list(args[1:])
+    env = dict(os.environ)
+    env.pop("PIXICACHE_SOURCES", None)
+    env.update(extra_env or {})
+    if popen:
+        return subprocess.Popen(
+            argv, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    return subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _report(ws: Path) -> dict:
+    return json.loads((ws / "pixicache-report.json").read_text())
+
+
+def _archive_gets(srv: UpstreamServer) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in srv.requests:
+        if r.method == "GET" and r.path.endswith((".conda", ".tar.bz2")):
+            counts[r.path] = counts.get(r.path, 0) + 1
+    return counts
+
+
+def test_run_installs_with_rattler_and_runs_a_packaged_program(tmp_path, demo_lock, demo_upstream):
+    ws = _workspace(tmp_path / "job", demo_lock)
+    store = tmp_path / "node-store"
+    gpus = {"CUDA_VISIBLE_DEVICES": "1", "_CONDOR_AssignedGPUs": "GPU-0a1b2c3d"}
+    proc = _agent(
+        ws,
+        store,
+        "run",
+        "hello",
+        "a",
+        "b c",
+        "--exit",
+        "3",
+        source=f"mirror={demo_upstream.url}",
+        extra_env=gpus,
+    )
+    assert proc.returncode == 3, proc.stderr  # the task's exit code
+    prefix = ws / ".pixi" / "envs" / "default"
+    assert f"hello from {prefix}\n" in proc.stdout  # the placeholder was rewritten
+    assert "arg: a\narg: b c\narg: --exit\narg: 3\n" in proc.stdout  # args passed, quoted
+    assert "data: Hello from a real conda package!" in proc.stdout
+    rep = _report(ws)
+    assert rep["schema"] == "pixicache.report/1" and rep["exit_code"] == 3
+    assert rep["gpus"] == gpus and rep["host"]["name"]
+    assert (
+        rep["installer"]["name"] == "rattler" and "no verified Pixi" in rep["installer"]["reason"]
+    )
+    assert rep["tiers"]["mirror"]["artifacts"] == 4 and rep["tiers"]["store"]["artifacts"] == 0
+    assert rep["task"]["exit_code"] == 3 and rep["task"]["runner"] == "native"
+    assert all(
+        rep["phases"][p] is not None for p in ("plan", "preflight", "fetch", "install", "task")
+    )
+    assert "pixicache run: exit 3" in proc.stderr  # the human summary
+    assert sorted(_archive_gets(demo_upstream).values()) == [1, 1, 1, 1]
+    # task arguments declared in the manifest
+    proc = _agent(ws, store, "run", "greet", "HTCondor", source=f"mirror={demo_upstream.url}")
+    assert proc.returncode == 0 and "arg: --from\narg: HTCondor\n" in proc.stdout
+
+
+def test_warm_node_fresh_workdir_makes_no_request(tmp_path, demo_lock, demo_upstream):
+    store = tmp_path / "node-store"
+    first = _workspace(tmp_path / "job1", demo_lock)
+    assert _agent(first, store, "install", source=f"mirror={demo_upstream.url}").returncode == 0
+    assert _report(first)["command"] == "install"
+    demo_upstream.reset_log()
+    second = _workspace(tmp_path / "job2", demo_lock)
+    t0 = time.monotonic()
+    proc = _agent(second, store, "run", "hello", source=f"mirror={demo_upstream.url}")
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert len(demo_upstream.requests) == 0  # zero network requests on a warm node
+    rep = _report(second)
+    assert rep["tiers"]["store"]["artifacts"] == 4
+    assert sum(rep["tiers"][t]["artifacts"] for t in ("local", "mirror", "upstream")) == 0
+    print(
+        f"\nwarm node, fresh workdir: time_to_task {rep['time_to_task']:.3f} s in the agent, "
+        f"{wall:.3f} s wall including interpreter start; phases {rep['phases']}"
+    )
+    # and a third run in the same workdir: the prefix is current, nothing is fetched or linked
+    proc = _agent(second, store, "run", "hello", source=f"mirror={demo_upstream.url}")
+    assert proc.returncode == 0 and _report(second)["installer"]["changed"] is False
+    print(f"same workdir again: time_to_task {_report(second)['time_to_task']:.3f} s")
+
+
+def test_eight_concurrent_agents_on_a_cold_store_fetch_each_artifact_once(
+    tmp_path, demo_lock, demo_upstream
+):
+    store = tmp_path / "node-store"
+    procs = []
+    for i in range(8):
+        ws = _workspace(tmp_path / f"slot{i}", demo_lock)
+        procs.append(
+            (
+                ws,
+                _agent(
+                    ws,
+                    store,
+                    "run",
+                    "hello",
+                    f"slot{i}",
+                    source=f"mirror={demo_upstream.url}",
+                    popen=True,
+                ),
+            )
+        )
+    for ws, proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        assert f"hello from {ws}/.pixi/envs/default\n" in out and f"arg: {ws.name}\n" in out
+    gets = _archive_gets(demo_upstream)
+    assert len(gets) == 4 and set(gets.values()) == {1}, gets  # each artifact fetched once per node
+    tiers = [_report(ws)["tiers"] for ws, _ in procs]
+    assert sum(t["mirror"]["artifacts"] for t in tiers) == 4
+    assert sum(t["store"]["artifacts"] for t in tiers) == 8 * 4 - 4
+
+
+def test_sigterm_to_the_agent_reaches_the_task_and_the_agent_exits_with_its_code(
+    tmp_path, demo_lock, demo_upstream
+):
+    ws = _workspace(tmp_path / "job", demo_lock)
+    proc = _agent(
+        ws, tmp_path / "store", "run", "evict", source=f"mirror={demo_upstream.url}", popen=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (ws / "ready.txt").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # HTCondor evicts the job: SIGTERM to the agent only
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 42, err
+    assert (ws / "term.txt").read_text().strip() == "TERM"
+    rep = _report(ws)
+    assert rep["exit_code"] == 42 and rep["task"]["forwarded_signals"] == ["SIGTERM"]
+
+
+def test_sigterm_before_the_task_stops_the_agent_cleanly_with_a_report(
+    tmp_path, demo_lock, demo_upstream
+):
+    demo_upstream.fault("*.conda", "delay", seconds=20)
+    ws = _workspace(tmp_path / "job", demo_lock)
+    source = f"mirror={demo_upstream.url}"
+    proc = _agent(ws, tmp_path / "store", "run", "-j", "1", "hello", source=source, popen=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(r.fault == "delay" for r in demo_upstream.requests):  # fetching now
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the agent never started fetching"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert time.monotonic() - t0 < 10  # did not wait for the 20 s response
+    rep = _report(ws)
+    assert rep["error"]["type"] == "AgentInterrupted" and rep["task"] is None
+    assert "stopped by SIGTERM" in err
+
+
+def test_agent_failures_have_their_documented_exit_codes(tmp_path, demo_lock, demo_upstream):
+    store = tmp_path / "store"
+    source = f"mirror={demo_upstream.url}"
+    # no lock beside the manifest: 2
+    ws = _workspace(tmp_path / "nolock", demo_lock)
+    (ws / "pixi.lock").unlink()
+    proc = _agent(ws, store, "run", "hello", source=source)
+    assert proc.returncode == 2 and "pixi lock" in proc.stderr
+    assert _report(ws)["error"]["type"] == "LockError"
+    # the lock lacks this platform: preflight says what to do, 8
+    ws = _workspace(tmp_path / "platform", demo_lock)
+    proc = _agent(ws, store, "install", "--platform", "win-64", source=source)
+    assert proc.returncode == 8 and "pixi workspace platform add win-64" in proc.stderr
+    # unknown task, unsupported feature: 6, before anything is installed
+    ws = _workspace(tmp_path / "task", demo_lock)
+    proc = _agent(ws, store, "run", "nope", source=source)
+    assert proc.returncode == 6 and "no task 'nope'" in proc.stderr
+    assert not (ws / ".pixi").exists()
+    proc = _agent(ws, store, "run", "unsupported", source=source)
+    assert proc.returncode == 6 and "clean-env" in proc.stderr
+    # fetch failed (the mirror is down, nothing in the store): 3
+    ws = _workspace(tmp_path / "fetch", demo_lock)
+    proc = _agent(
+        ws,
+        tmp_path / "empty-store",
+        "install",
+        "--no-preflight",
+        source="mirror=http://127.0.0.1:9",
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "could not be fetched" in proc.stderr and _report(ws)["error"]["type"] == "FetchError"
+    # wrong bytes from every source: integrity failure, 4
+    demo_upstream.fault("*hello-1.0.0*", "wrong_bytes")
+    proc = _agent(ws, tmp_path / "store4", "install", source=source)
+    assert proc.returncode == 4, proc.stderr
+    demo_upstream.clear_faults()
+    # the prefix cannot be created: install failed, 5
+    ws = _workspace(tmp_path / "install", demo_lock)
+    (ws / ".pixi" / "envs").mkdir(parents=True)
+    (ws / ".pixi" / "envs" / "default").write_text("not a directory")
+    proc = _agent(ws, store, "install", source=source)
+    assert proc.returncode == 5, proc.stderr
+    assert _report(ws)["error"]["type"] == "InstallError"

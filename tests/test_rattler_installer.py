@@ -1,0 +1,211 @@
+"""The ``rattler`` installer with real packages: hand-off from the store, no-op, node sharing.
+
+Every install runs py-rattler in its child process (``_rattler_child``); the
+packages are the demo channel's (a text placeholder in ``bin/hello``, a binary
+one in ``share/hello-data/prefix.bin``, a ``noarch: python`` package).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pixicache.errors import InstallError, UsageError
+from pixicache.fetch import Fetcher
+from pixicache.installers.auto import choose_installer, installer_plugins
+from pixicache.installers.base import Installer, InstallRequest
+from pixicache.installers.rattler_installer import RattlerInstaller, read_state
+from pixicache.lockfile import Lock
+from pixicache.sources.local import LocalDirSource
+from pixicache.store import Store
+from pixicache.testing import PLACEHOLDER, build_channel, current_subdir, demo_channel_specs
+from pixicache.testing.locks import LockPackage, write_lock
+
+PLATFORM = current_subdir()
+
+pytestmark = pytest.mark.skipif(
+    PLATFORM != "linux-64", reason="the demo channel is built for linux-64"
+)
+
+
+def _fill(store: Store, channel_root: Path, lock: Lock) -> None:
+    report = Fetcher(store, [LocalDirSource(channel_root)]).fetch(
+        lock.artifacts("default", PLATFORM)
+    )
+    assert report.ok, report.missing
+
+
+def _request(workspace: Path, lock_path: Path, store: Store) -> InstallRequest:
+    workspace.mkdir(parents=True, exist_ok=True)
+    if lock_path.parent != workspace:
+        shutil.copy(lock_path, workspace / "pixi.lock")
+    lock = Lock.load(workspace / "pixi.lock")
+    return InstallRequest(
+        workspace=workspace,
+        manifest=workspace / "pixi.toml",
+        lock=lock,
+        environment="default",
+        platform=PLATFORM,
+        prefix=workspace / ".pixi" / "envs" / "default",
+        store=store,
+        package_cache=store.root / "pkgs",
+    )
+
+
+@pytest.fixture
+def store(tmp_path, demo_channel, demo_lock):
+    s = Store(tmp_path / "store")
+    _fill(s, demo_channel.root, Lock.load(demo_lock))
+    return s
+
+
+def test_install_from_the_store_keeps_lock_urls_and_rewrites_placeholders(
+    tmp_path, store, demo_lock
+):
+    req = _request(tmp_path / "job", demo_lock, store)
+    result = RattlerInstaller().install(req)
+    assert result.changed and result.packages == 4
+    assert "4 archive(s) from the store view" in result.notes[0]
+    prefix = req.prefix
+    hello = (prefix / "bin" / "hello").read_text()
+    assert f'prefix="{prefix}"' in hello and PLACEHOLDER not in hello
+    blob = (prefix / "share" / "hello-data" / "prefix.bin").read_bytes()
+    assert PLACEHOLDER.encode() not in blob
+    assert (str(prefix) + "/share/hello-data").encode() + b"\0" in blob
+    record = json.loads((prefix / "conda-meta" / "hello-1.0.0-h0_0.json").read_text())
+    assert (
+        record["url"] == f"https://conda.anaconda.org/conda-forge/{PLATFORM}/hello-1.0.0-h0_0.conda"
+    )
+    state = read_state(prefix)
+    assert state is not None and state["platform"] == PLATFORM and len(state["packages"]) == 4
+    # every conda-meta/*.json is a package record (rattler refuses anything else there)
+    assert sorted(p.name for p in (prefix / "conda-meta").glob("*.json")) == sorted(
+        f"{d}.json" for d in state["packages"]
+    )
+
+
+def test_second_install_of_unchanged_lock_is_a_noop_in_milliseconds(tmp_path, store, demo_lock):
+    req = _request(tmp_path / "job", demo_lock, store)
+    RattlerInstaller().install(req)
+    again = RattlerInstaller().install(req)
+    print(f"no-op install: {again.seconds * 1000:.2f} ms")
+    assert again.changed is False
+    assert "no-op" in again.notes[0]
+    assert again.seconds < 0.25  # no child process, no store view: a few stat calls
+    # an intact-prefix check: a missing package record makes it a real install again
+    (req.prefix / "conda-meta" / "hello-1.0.0-h0_0.json").unlink()
+    repaired = RattlerInstaller().install(req)
+    assert repaired.changed is True
+    assert (req.prefix / "conda-meta" / "hello-1.0.0-h0_0.json").is_file()
+
+
+def test_changed_lock_updates_only_what_changed(tmp_path, store, demo_lock):
+    req = _request(tmp_path / "job", demo_lock, store)
+    RattlerInstaller().install(req)
+    hello = req.prefix / "bin" / "hello"
+    before = os.stat(hello)
+    # the same channel with hello-data 1.0.1 (other greeting): only that package changes
+    specs = []
+    for spec in demo_channel_specs():
+        if spec.name == "hello-data":
+            files = dict(spec.files)
+            files["share/hello-data/greeting.txt"] = "Hello from version 1.0.1!\n"
+            spec = dataclasses.replace(spec, version="1.0.1", files=files)
+        specs.append(spec)
+    v2 = build_channel(tmp_path / "v2", specs)
+    v2_lock = v2.write_lock(tmp_path / "v2.lock")
+    shutil.copy(v2_lock, req.workspace / "pixi.lock")
+    req2 = _request(req.workspace, req.workspace / "pixi.lock", store)
+    _fill(store, v2.root, req2.lock)
+    result = RattlerInstaller().install(req2)
+    assert result.changed
+    assert (
+        req.prefix / "share" / "hello-data" / "greeting.txt"
+    ).read_text() == "Hello from version 1.0.1!\n"
+    meta = {p.name for p in (req.prefix / "conda-meta").glob("*.json")}
+    assert "hello-data-1.0.1-h0_0.json" in meta and "hello-data-1.0.0-h0_0.json" not in meta
+    after = os.stat(hello)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not relinked
+    assert "1 archive(s) from the store view" in result.notes[0]
+
+
+def test_a_job_writing_into_its_prefix_does_not_change_what_later_jobs_get(
+    tmp_path, store, demo_lock
+):
+    job1 = _request(tmp_path / "job1", demo_lock, store)
+    RattlerInstaller().install(job1)
+    greeting = job1.prefix / "share" / "hello-data" / "greeting.txt"
+    pristine = greeting.read_text()
+    assert os.stat(greeting).st_nlink > 1  # a hard link into the node's package cache
+    with open(greeting, "a") as fh:  # job 1 modifies a file of its prefix in place
+        fh.write("job 1 was here\n")
+    site = job1.prefix / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "pip_installed.py").write_text("x = 1\n")  # and pip-installs something
+
+    job2 = _request(tmp_path / "job2", demo_lock, store)
+    result = RattlerInstaller().install(job2)
+    assert (job2.prefix / "share" / "hello-data" / "greeting.txt").read_text() == pristine
+    assert not list(job2.prefix.rglob("pip_installed.py"))
+    assert any("hello-data-1.0.0-h0_0" in n for n in result.notes), result.notes
+    assert greeting.read_text() == pristine + "job 1 was here\n"  # job 1 keeps its own change
+
+    # a same-size, in-place edit (no append) through job 2's hard link is caught too
+    with open(job2.prefix / "share" / "hello-data" / "greeting.txt", "r+b") as fh:
+        fh.write(b"J")
+    job3 = _request(tmp_path / "job3", demo_lock, store)
+    RattlerInstaller().install(job3)
+    assert (job3.prefix / "share" / "hello-data" / "greeting.txt").read_text() == pristine
+
+
+def test_install_error_names_what_the_store_could_not_serve(tmp_path, store, demo_lock):
+    req = _request(tmp_path / "job", demo_lock, store)
+    art = next(
+        a for a in req.lock.artifacts("default", PLATFORM) if a.filename.startswith("hello-1")
+    )
+    assert store.remove(art.sha256)
+    with pytest.raises(InstallError) as info:
+        RattlerInstaller().install(req)
+    assert "hello-1.0.0-h0_0.conda" in str(info.value) and "not in the store" in str(info.value)
+    assert read_state(req.prefix) is None
+
+
+def test_an_environment_with_pypi_packages_is_refused_clearly(tmp_path, store, demo_channel):
+    pkgs = demo_channel.lock_packages(platform=PLATFORM)
+    wheel = LockPackage(
+        "pypi",
+        "https://files.pythonhosted.org/packages/ab/cd/six-1.16.0-py2.py3-none-any.whl",
+        "ab" * 32,
+        "six",
+        "1.16.0",
+    )
+    lock_path = write_lock(tmp_path / "ws" / "pixi.lock", {"default": {PLATFORM: [*pkgs, wheel]}})
+    req = _request(tmp_path / "ws", lock_path, store)
+    ok, why = RattlerInstaller.available(req)
+    assert not ok and "1 PyPI package" in why and "pixi" in why
+    with pytest.raises(InstallError, match="PyPI"):
+        choose_installer(req, "auto")
+
+
+def test_choose_installer_auto_rattler_pixi_and_unknown(tmp_path, store, demo_lock):
+    assert {"rattler", "pixi"} <= set(installer_plugins())
+    req = _request(tmp_path / "ws", demo_lock, store)
+    inst, why = choose_installer(req)
+    assert isinstance(inst, RattlerInstaller) and isinstance(inst, Installer)
+    assert why.startswith("rattler (auto)") and "no verified Pixi" in why
+    fake = tmp_path / "pixi"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    inst, why = choose_installer(dataclasses.replace(req, pixi=fake), "auto")
+    assert inst.name == "pixi" and why.startswith("pixi (auto)")
+    inst, why = choose_installer(dataclasses.replace(req, pixi=fake), "rattler")
+    assert inst.name == "rattler" and "as asked" in why
+    with pytest.raises(InstallError, match="no verified Pixi"):
+        choose_installer(req, "pixi")
+    with pytest.raises(UsageError, match="unknown installer 'conda'"):
+        choose_installer(req, "conda")
