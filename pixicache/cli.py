@@ -100,6 +100,20 @@ def plan(
     help="Progress display: a bar on a terminal, log lines otherwise.",
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the summary as JSON to this file.")
+@click.option(
+    "--to",
+    "to_mirror",
+    metavar="URL",
+    default=None,
+    help="Warm this pixicache mirror instead of the local store: the mirror fetches "
+    "what it lacks from its own upstreams (through /sha256), verified.",
+)
+@click.option(
+    "--token",
+    envvar="PIXICACHE_SERVE_TOKEN",
+    default=None,
+    help="Bearer token for a mirror that requires one (--to); default $PIXICACHE_SERVE_TOKEN.",
+)
 @cache_dir_option
 @click.pass_context
 @handle_errors
@@ -112,8 +126,10 @@ def prefetch(
     jobs: int | None,
     progress_mode: str,
     json_path: Path | None,
+    to_mirror: str | None,
+    token: str | None,
 ) -> None:
-    """Fetch every artifact of LOCKS into the store, verified.
+    """Fetch every artifact of LOCKS into the store (or a mirror), verified.
 
     Exits 0 only if every artifact is present and verified; otherwise lists
     what is missing and why, with every source tried.
@@ -123,6 +139,9 @@ def prefetch(
     from .progress import make_progress
     from .sources import parse_sources
 
+    if to_mirror:
+        _warm(locks, environment, platform, to_mirror, token, jobs, progress_mode, json_path)
+        return
     settings = settings_from(ctx, sources, jobs)
     store = open_store(settings)
     srcs = parse_sources(settings.sources)
@@ -140,6 +159,58 @@ def prefetch(
     if not report.ok:
         codes = {r.error.exit_code for r in report.missing if r.error}
         sys.exit(max(codes) if codes else 3)
+
+
+def _warm(
+    locks: tuple[Path, ...],
+    environment: str | None,
+    platform: str | None,
+    mirror: str,
+    token: str | None,
+    jobs: int | None,
+    progress_mode: str,
+    json_path: Path | None,
+) -> None:
+    from .config import DEFAULT_JOBS
+    from .plan import make_plan
+    from .progress import make_progress
+    from .warm import warm_mirror
+
+    p = make_plan(list(locks), environment=environment, platform=platform)
+    click.echo(f"prefetch --to {mirror}: {p.count} artifacts ({human_bytes(p.bytes)})", err=True)
+    progress = make_progress(progress_mode, label="warm")
+    if progress is not None:
+        progress.begin(p.count, p.bytes)
+
+    def done(result: object) -> None:
+        if progress is not None:
+            progress.advance(result.artifact.size or 0)  # type: ignore[attr-defined]
+            progress.artifact_done(result)  # type: ignore[arg-type]
+
+    report = warm_mirror(mirror, p.artifacts, jobs=jobs or DEFAULT_JOBS, token=token, on_done=done)
+    if progress is not None:
+        progress.end(report)  # type: ignore[arg-type]
+    click.echo(report.summary(), err=True)
+    if json_path:
+        json_path.write_text(
+            json.dumps(
+                {
+                    "mirror": report.mirror,
+                    "ok": report.ok,
+                    "seconds": round(report.seconds, 3),
+                    "hit": report.count("hit"),
+                    "filled": report.count("filled"),
+                    "failed": [
+                        {"url": r.artifact.url, "sha256": r.artifact.sha256, "error": r.detail}
+                        for r in report.results
+                        if r.status == "failed"
+                    ],
+                },
+                indent=2,
+            )
+        )
+    if not report.ok:
+        sys.exit(3)
 
 
 # -- cache -----------------------------------------------------------------
@@ -221,9 +292,11 @@ def _register_plugins() -> None:
     """Subcommands that live next to the code they drive."""
     from .agent_cli import install_command, run_command
     from .pixi.cli import pixi_group
+    from .serve import serve_command
 
     main.add_command(install_command)
     main.add_command(run_command)
+    main.add_command(serve_command)
     main.add_command(pixi_group)
 
 

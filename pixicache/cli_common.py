@@ -98,7 +98,7 @@ def format_summary(report: Any) -> str:
         f"{report.seconds:.1f} s ({human_rate(sum(r.bytes for r in report.results), report.seconds)} transferred)"
     ]
     for label, slot in sorted(report.by_source().items()):
-        verb = "hits" if label == "node store" else "fetched"
+        verb = {"node store": "hits", "missing": "not fetched"}.get(label, "fetched")
         noun = "artifact " if slot["artifacts"] == 1 else "artifacts"
         lines.append(f"  {label:<40} {slot['artifacts']:>5} {noun} {human_bytes(slot['bytes']):>10} {verb}")
     missing = report.missing

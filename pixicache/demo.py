@@ -63,60 +63,136 @@ def run_demo(keep: Path | None = None) -> int:
     """Run the demo; returns the exit code (0 when every step worked)."""
     from .fetch import Fetcher
     from .plan import make_plan
+    from .serve import ServeConfig, Upstream, start_background
     from .sources import parse_sources
     from .store import Store
     from .testing import UpstreamServer, build_demo_channel, current_subdir
 
+    failures: list[str] = []
     with _workdir(keep) as work:
         t_start = time.monotonic()
         _step(1, "A channel of real conda packages, built on the spot")
         channel = build_demo_channel(work / "upstream")
-        lock_path = channel.write_lock(work / "workspace" / "pixi.lock")
-        platform = current_subdir()
-        (work / "workspace" / "pixi.toml").write_text(DEMO_MANIFEST.format(platform=platform))
+        workspace = work / "workspace"
+        lock_path = channel.write_lock(workspace / "pixi.lock")
+        (workspace / "pixi.toml").write_text(DEMO_MANIFEST.format(platform=current_subdir()))
         for pkg in channel.packages:
             _say(f"{pkg.filename:<45} {human_bytes(pkg.size):>10}  sha256 {pkg.sha256[:16]}...")
-        _say(f"lock: {lock_path} (URLs point at https://conda.anaconda.org/conda-forge)")
+        _say(f"workspace: {workspace} (pixi.toml + pixi.lock; URLs name https://conda.anaconda.org/conda-forge)")
 
         with UpstreamServer(channel.root) as upstream:
             _step(2, f"Upstream: a local server playing conda-forge at {upstream.url}")
-            _step(3, "pixicache plan: what the lock needs")
             plan = make_plan([lock_path])
-            _say(f"{plan.count} artifacts, {human_bytes(plan.bytes)} ({plan.bytes:,} bytes)")
+            _say(f"pixicache plan: {plan.count} artifacts, {human_bytes(plan.bytes)} ({plan.bytes:,} bytes)")
 
-            node_a = Store(work / "node-a-store")
-            sources = parse_sources([f"mirror={upstream.url}"])
-            _step(4, f"pixicache prefetch into an empty node store ({node_a.root})")
-            report = Fetcher(node_a, sources).fetch(plan.artifacts)
-            _summary(report)
-            _say(f"upstream served {_package_requests(upstream)} package requests, "
-                 f"{human_bytes(_package_bytes(upstream))}")
+            cfg = ServeConfig(
+                cache_dir=work / "mirror-store",
+                port=0,
+                upstreams=[Upstream.make("conda-forge", upstream.channel_url())],
+                log_requests=False,
+            )
+            with start_background(cfg) as mirror:
+                _step(3, f"pixicache serve: a pull-through mirror at {mirror.url} (empty)")
+                env = {"PIXICACHE_SOURCES": f"mirror={mirror.url},upstream"}
 
-            _step(5, "pixicache prefetch again: everything is a verified hit")
-            upstream.reset_log()
-            report = Fetcher(node_a, sources).fetch(plan.artifacts)
-            _summary(report)
-            _say(f"upstream served {_package_requests(upstream)} package requests")
+                for n, (title, node) in enumerate(
+                    [
+                        ("Job 1 on node A (empty node store): pixicache run greet", "node-a"),
+                        ("Job 2 on node B (empty node store): the mirror answers from its store", "node-b"),
+                        ("Job 3 on node A again, in a fresh sandbox: all from the node store", "node-a"),
+                    ],
+                    start=4,
+                ):
+                    _step(n, title)
+                    before_up = _package_requests(upstream)
+                    before = _cache_counts(mirror)
+                    rc, out = _job(workspace, work / f"sandbox-{n}", work / node, env)
+                    after = _cache_counts(mirror)
+                    for line in out:
+                        _say(line)
+                    _say(
+                        f"mirror: {after['hit'] - before['hit']} hits, {after['miss'] - before['miss']} misses, "
+                        f"{after['coalesced'] - before['coalesced']} coalesced; upstream: "
+                        f"{_package_requests(upstream) - before_up} package requests"
+                    )
+                    if rc != 0:
+                        failures.append(f"job {n - 3} exited {rc}")
 
-            _step(6, "A wrong byte on the wire is caught, and the next source is used")
-            node_b = Store(work / "node-b-store")
-            victim = max(channel.packages, key=lambda p: p.size)
-            upstream.fault(f"*/{victim.filename}", "wrong_bytes", times=1)
-            report = Fetcher(node_b, parse_sources([f"mirror={upstream.url}", "dir=" + str(channel.root)])).fetch(plan.artifacts)
-            for r in report.results:
-                for attempt in r.attempts:
-                    _say(f"{r.artifact.filename}: {attempt}")
-            _summary(report)
-            upstream.clear_faults()
+                _step(7, "A wrong byte from upstream is caught by the mirror and never stored")
+                bad = Store(work / "node-c")
+                victim = max(channel.packages, key=lambda p: p.size)
+                upstream.fault(f"*/{victim.filename}", "wrong_bytes", times=1)
+                fresh = ServeConfig(
+                    cache_dir=work / "mirror2-store",
+                    port=0,
+                    upstreams=[Upstream.make("conda-forge", upstream.channel_url())],
+                    log_requests=False,
+                )
+                with start_background(fresh) as mirror2:
+                    sources = parse_sources([f"mirror={mirror2.url}", f"dir={channel.root}"])
+                    report = Fetcher(bad, sources).fetch(plan.artifacts)
+                for r in report.results:
+                    for attempt in r.attempts:
+                        _say(f"{r.artifact.filename}: {attempt}")
+                _summary(report)
+                if not report.ok:
+                    failures.append("the corrupted download was not recovered")
 
-        ok = report.ok
+            _say("")
+            _say(
+                f"upstream served {_package_requests(upstream)} package requests in all, for "
+                f"{len(channel.packages)} packages and 3 jobs on 2 nodes"
+            )
+
+        ok = not failures
         click.secho(
-            f"\ndemo {'finished' if ok else 'FAILED'} in {time.monotonic() - t_start:.1f} s"
-            + (f"; files kept in {work}" if keep else ""),
+            f"\ndemo {'finished' if ok else 'FAILED: ' + '; '.join(failures)} in "
+            f"{time.monotonic() - t_start:.1f} s" + (f"; files kept in {work}" if keep else ""),
             bold=True,
             err=True,
         )
         return 0 if ok else 1
+
+
+def _job(workspace: Path, sandbox: Path, node_store: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run ``pixicache run greet`` as a job would: a fresh sandbox with the
+    manifest and lock, the node's store, the mirror from the environment."""
+    import json
+    import subprocess
+
+    sandbox.mkdir(parents=True)
+    for name in ("pixi.toml", "pixi.lock"):
+        shutil.copy2(workspace / name, sandbox / name)
+    full_env = dict(os.environ, PIXICACHE_CACHE_DIR=str(node_store), **env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pixicache", "run", "greet", "from", "the", "demo"],
+        cwd=sandbox,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [f"task output: {line}" for line in proc.stdout.splitlines()]
+    try:
+        report = json.loads((sandbox / "pixicache-report.json").read_text())
+        tiers = report.get("tiers") or {}
+        lines.append(
+            "pixicache-report.json: artifacts from "
+            + ", ".join(f"{tier} {v['artifacts']}" for tier, v in tiers.items() if v.get("artifacts"))
+            + f"; installer {(report.get('installer') or {}).get('name', '?')}"
+            + f"; time to task {report.get('time_to_task') or 0:.2f} s; exit {report.get('exit_code')}"
+        )
+    except (OSError, ValueError):
+        lines += [f"stderr: {line}" for line in proc.stderr.splitlines()[-10:]]
+    return proc.returncode, lines
+
+
+def _cache_counts(mirror: object) -> dict[str, int]:
+    registry = mirror.app.metrics.registry  # type: ignore[attr-defined]
+    return {
+        k: int(registry.get_sample_value("pixicache_serve_cache_total", {"result": k}) or 0)
+        for k in ("hit", "miss", "coalesced")
+    }
 
 
 def _summary(report: object) -> None:

@@ -347,7 +347,10 @@ class Fetcher:
         result: FetchResult,
     ) -> bool:
         delay = self.backoff
-        for attempt in range(self.retries + 1):
+        clean_retry = True
+        attempt = 0
+        while True:
+            inherited = writer.offset  # bytes from an earlier run or an earlier source
             try:
                 source.fetch(artifact, writer, ctx)
                 writer.commit()
@@ -357,9 +360,14 @@ class Fetcher:
             except StoreFull:
                 raise
             except IntegrityError as exc:
-                # bad bytes from this source: they are discarded; try the next
+                writer.reopen()  # the bad bytes are discarded
+                if inherited and clean_retry:
+                    # the fault may lie in bytes resumed from elsewhere: this
+                    # source gets one more try with all bytes its own
+                    clean_retry = False
+                    result.attempts.append(f"{source.label}: {exc} (resumed bytes; retrying from zero)")
+                    continue
                 result.attempts.append(f"{source.label}: {exc}")
-                writer.reopen()
                 return False
             except SourceUnavailable as exc:
                 if not exc.transient or attempt == self.retries:
@@ -369,9 +377,9 @@ class Fetcher:
                         with self._dead_lock:
                             self._dead.setdefault(id(source), str(exc))
                     return False
+                attempt += 1
                 self.sleep(delay)
                 delay = min(delay * 2, 8.0)
-        return False
 
 
 def _unreachable(exc: SourceUnavailable) -> bool:
