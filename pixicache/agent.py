@@ -246,17 +246,24 @@ def install(
 
     verified = None
     if installer in ("auto", "pixi") or pixi is not None or trust_pixi is not None:
+        from .bundle import rattler_available
         from .pixi.binary import locate_pixi
 
+        # auto fetches the pinned Pixi only where rattler cannot install
+        # (Python < 3.10, no py-rattler): then Pixi is the installer that works.
+        rattler_ok, rattler_why = rattler_available()
+        need_pixi = installer == "pixi" or (installer == "auto" and not rattler_ok)
         with rep.phase("pixi_verify"):
             verified, why = locate_pixi(
                 store,
-                srcs.get() if (installer == "pixi" or pixi is not None) else None,
+                srcs.get() if (need_pixi or pixi is not None) else None,
                 pixi=pixi,
                 trust_pixi=trust_pixi,
-                fetch=installer == "pixi",
+                fetch=need_pixi,
                 config=settings.file,
             )
+        if need_pixi and installer == "auto":
+            why = f"{why} (rattler cannot be used here: {rattler_why})"
         rep.record_pixi(verified, why)
 
     request = InstallRequest(

@@ -291,6 +291,7 @@ def demo(keep: Path | None) -> None:
 def _register_plugins() -> None:
     """Subcommands that live next to the code they drive."""
     from .agent_cli import install_command, run_command
+    from .bundle import bundle_command
     from .pixi.cli import pixi_group
     from .serve import serve_command
 
@@ -298,6 +299,7 @@ def _register_plugins() -> None:
     main.add_command(run_command)
     main.add_command(serve_command)
     main.add_command(pixi_group)
+    main.add_command(bundle_command)
 
 
 _register_plugins()

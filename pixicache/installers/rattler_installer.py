@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -175,8 +174,11 @@ class RattlerInstaller:
     @classmethod
     def available(cls, request: InstallRequest) -> tuple[bool, str]:
         """Available when py-rattler is installed and the environment has no PyPI packages."""
-        if importlib.util.find_spec("rattler") is None:
-            return False, "py-rattler is not installed (pip install 'pixicache[rattler]')"
+        from ..bundle import rattler_available
+
+        ok, why = rattler_available()
+        if not ok:
+            return False, why
         pypi = _pypi_count(request)
         if pypi:
             return False, (

@@ -1,0 +1,706 @@
+"""bootstrap.sh (the HTCondor job's executable) and the single-file agent (issue 5, 3 and 4).
+
+The job-sandbox tests run bootstrap.sh the way HTCondor's starter does: in a fresh
+scratch directory holding only the transferred files (``data/MNIST_data.tar.gz``
+arrives flattened, as without ``preserve_relative_paths``), with the job's
+environment (``_CONDOR_SCRATCH_DIR``, ``_CONDOR_JOB_AD``, no GPU assigned,
+``OMP_NUM_THREADS=1``...), a ``PATH`` without the project's virtualenv, stdout and
+stderr in ``_condor_stdout`` / ``_condor_stderr``, and the system python running the
+agent in isolated mode. Packages come from a real ``pixicache serve`` mirror in front
+of a counting upstream that serves a channel of real conda packages. The CUDA lock
+cannot be installed here, so the sandbox gets a test manifest and lock whose ``python``
+is a stand-in package wrapping this test interpreter (which has torch), and whose
+``train`` task runs the real ``train_mnist.py`` on CPU for a few steps on real MNIST.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pixicache.bundle import BundleInfo, _rattler_status, build_bundle
+from pixicache.testing import Channel, UpstreamServer, build_channel, demo_channel_specs
+
+REPO = Path(__file__).resolve().parent.parent
+BOOTSTRAP = REPO / "bootstrap.sh"
+TRAIN = REPO / "train_mnist.py"
+DATA = REPO / "data" / "MNIST_data.tar.gz"
+JOB_PATH = "/usr/local/bin:/usr/bin:/bin"  # what a job gets: no virtualenv, no pyenv
+TRAIN_ARGS = (
+    "--device cpu --epochs 1 --max-steps 5 --batch-size 64 --train-limit 512 --num-threads 1"
+)
+
+TEST_MANIFEST = f"""\
+# Test variant of the repo's pixi.toml: same tasks, but a CPU run of a few steps,
+# on a channel whose `python` wraps the test interpreter (torch comes from there).
+[workspace]
+name = "pixicache-mnist-sandbox-test"
+channels = ["conda-forge"]
+platforms = ["linux-64"]
+
+[dependencies]
+python = "*"
+hello = "*"
+
+[tasks]
+train = "python train_mnist.py {TRAIN_ARGS} --save-model --data-dir data"
+hello = "hello"
+wait-signal = "python sigwait.py"
+"""
+
+SIGWAIT = """\
+import os, signal, sys
+from pathlib import Path
+
+def on_signal(signum, frame):
+    Path("got-signal").write_text(signal.Signals(signum).name)
+    sys.exit(128 + signum)
+
+signal.signal(signal.SIGTERM, on_signal)
+Path("task-ready").write_text(str(os.getpid()))
+while True:
+    signal.pause()
+"""
+
+JOB_AD = """\
+ClusterId = 4242
+ProcId = {proc}
+Cmd = "bootstrap.sh"
+RequestCpus = 1
+RequestGpus = 0
+JobUniverse = 5
+"""
+MACHINE_AD = """\
+Machine = "sandbox-test-node"
+Arch = "X86_64"
+OpSys = "LINUX"
+"""
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
+    """The agent as one file, built once per session from this interpreter's packages
+    (offline; the pinned-wheel build needs PyPI)."""
+    out = tmp_path_factory.mktemp("bundle") / "pixicache.pyz"
+    start = time.perf_counter()
+    info = build_bundle(out, source="installed", compresslevel=1)
+    print(f"\nbundle: {info.size:,} bytes, built in {time.perf_counter() - start:.1f} s")
+    return info
+
+
+def _python_version(exe: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run(
+            [exe, "-I", "-S", "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    major, minor = out.split()
+    return int(major), int(minor)
+
+
+@dataclass
+class JobPython:
+    path: str
+    override: bool  # True: bootstrap must be told (PIXICACHE_PYTHON); False: it finds it on PATH
+
+
+@pytest.fixture(scope="session")
+def job_python(bundle: BundleInfo) -> JobPython:
+    """The system python a job would use: python3 on the job's PATH if it is new enough
+    for the bundle, else this virtualenv's base interpreter (never the venv itself)."""
+    need = tuple(int(v) for v in bundle.min_python.split("."))
+    system = shutil.which("python3", path=JOB_PATH)
+    if system and (_python_version(system) or (0, 0)) >= need:
+        return JobPython(system, override=False)
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    if (_python_version(base) or (0, 0)) >= need:
+        return JobPython(base, override=True)
+    pytest.fail(
+        f"no interpreter >= {bundle.min_python} outside the virtualenv to run the bundle with"
+    )
+
+
+@pytest.fixture(scope="session")
+def channel(tmp_path_factory: pytest.TempPathFactory) -> Channel:
+    """Real conda packages: the demo channel, whose `python` wraps this interpreter."""
+    return build_channel(tmp_path_factory.mktemp("channel"), demo_channel_specs(sys.executable))
+
+
+@pytest.fixture(scope="session")
+def lock(channel: Channel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return channel.write_lock(tmp_path_factory.mktemp("lock") / "pixi.lock")
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the quick tests let the bundle unpack (once for all of them)."""
+    return tmp_path_factory.mktemp("bundle-unpacked")
+
+
+@dataclass
+class Mirror:
+    url: str
+    upstream: UpstreamServer
+
+
+@pytest.fixture
+def mirror(channel: Channel, tmp_path: Path) -> Iterator[Mirror]:
+    """A real `pixicache serve` mirror (cold) in front of a counting upstream."""
+    with UpstreamServer(channel.root) as upstream:
+        try:
+            from pixicache.serve import ServeConfig, Upstream, start_background
+        except ImportError:  # pragma: no cover - serve extra not installed
+            yield Mirror(upstream.url, upstream)
+            return
+        cfg = ServeConfig(
+            cache_dir=tmp_path / "mirror-store",
+            port=0,
+            upstreams=[Upstream.make("conda-forge", upstream.url + "/conda-forge")],
+            log_requests=False,
+        )
+        with start_background(cfg) as srv:
+            yield Mirror(srv.url.rstrip("/"), upstream)
+
+
+@pytest.fixture
+def static_mirror(channel: Channel, bundle: BundleInfo, tmp_path: Path) -> Iterator[UpstreamServer]:
+    """A plain static web server holding the channel and ``agent/pixicache.pyz``."""
+    root = tmp_path / "static-mirror"
+    shutil.copytree(channel.root, root)
+    (root / "agent").mkdir()
+    shutil.copy(bundle.path, root / "agent" / "pixicache.pyz")
+    with UpstreamServer(root) as srv:
+        yield srv
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def make_sandbox(
+    parent: Path, name: str, bundle: BundleInfo, lock: Path, *, agent: bool = True, proc: int = 0
+) -> Path:
+    """A scratch dir holding what mnist_gpu.sub transfers (with the test manifest/lock)."""
+    sb = parent / name
+    sb.mkdir(parents=True)
+    shutil.copy2(BOOTSTRAP, sb / "bootstrap.sh")
+    if agent:
+        shutil.copy2(bundle.path, sb / "pixicache.pyz")
+    (sb / "pixi.toml").write_text(TEST_MANIFEST)
+    shutil.copy2(lock, sb / "pixi.lock")
+    shutil.copy2(TRAIN, sb / "train_mnist.py")
+    shutil.copy2(DATA, sb / DATA.name)  # transfer_input_files flattens data/MNIST_data.tar.gz
+    (sb / "sigwait.py").write_text(SIGWAIT)
+    (sb / ".job.ad").write_text(JOB_AD.format(proc=proc))
+    (sb / ".machine.ad").write_text(MACHINE_AD)
+    return sb
+
+
+def job_env(
+    sb: Path, python: JobPython, *, store: Path, mirror: str | None, **extra: str
+) -> dict[str, str]:
+    """The environment HTCondor's starter gives the job (plus the submit file's)."""
+    home = sb.parent / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        "PATH": JOB_PATH,
+        "HOME": str(home),
+        "_CONDOR_SCRATCH_DIR": str(sb),
+        "_CONDOR_SLOT": "slot1_1",
+        "_CONDOR_JOB_AD": str(sb / ".job.ad"),
+        "_CONDOR_MACHINE_AD": str(sb / ".machine.ad"),
+        "_CONDOR_JOB_IWD": str(sb),
+        "_CONDOR_AssignedGPUs": "",
+        "CUDA_VISIBLE_DEVICES": "",
+        "BATCH_SYSTEM": "HTCondor",
+        "TMPDIR": str(sb),
+        "TEMP": str(sb),
+        "TMP": str(sb),
+        "PIXICACHE_CACHE_DIR": str(store),  # what a site sets for its nodes
+    }
+    for var in (
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "NUMEXPR_NUM_THREADS",
+    ):
+        env[var] = "1"  # HTCondor sets these to request_cpus
+    if mirror is not None:  # as mnist_gpu.sub's `environment` does
+        env["PIXICACHE_MIRROR"] = mirror
+        env["PIXICACHE_SOURCES"] = f"mirror={mirror}"
+    if python.override:
+        env["PIXICACHE_PYTHON"] = python.path
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Job:
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def explain(self) -> str:
+        return f"exit {self.rc}\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
+
+
+def start_job(sb: Path, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """Start bootstrap.sh with stdout/stderr in the sandbox, as the starter does."""
+    out = open(sb / "_condor_stdout", "wb")  # noqa: SIM115 - closed in finish_job
+    err = open(sb / "_condor_stderr", "wb")  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            [str(sb / "bootstrap.sh"), *args],
+            cwd=sb,
+            env=env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        out.close()
+        err.close()
+    proc.started = time.perf_counter()  # type: ignore[attr-defined]
+    return proc
+
+
+def finish_job(sb: Path, proc: subprocess.Popen[bytes], timeout: float = 240) -> Job:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return Job(
+        rc,
+        (sb / "_condor_stdout").read_text(errors="replace"),
+        (sb / "_condor_stderr").read_text(errors="replace"),
+        time.perf_counter() - proc.started,  # type: ignore[attr-defined]
+    )
+
+
+def run_job(sb: Path, env: dict[str, str], *args: str, timeout: float = 240) -> Job:
+    return finish_job(sb, start_job(sb, env, *args), timeout)
+
+
+def channel_paths(channel: Channel) -> list[str]:
+    return [f"/{channel.name}/{p.subdir}/{p.filename}" for p in channel.packages]
+
+
+def unpacked_parts(home: Path) -> list[str]:
+    """What a bundle's unpack dir holds, minus its lock and probe files; a leftover
+    temporary tree (``.site.tmp-*``) would show up here."""
+    return sorted(
+        p.name
+        for p in home.iterdir()
+        if not p.name.endswith(".lock") and not p.name.startswith("rattler-probe-")
+    )
+
+
+def run_bundle(
+    python: str,
+    bundle: Path,
+    *args: str,
+    env: dict[str, str],
+    flags: tuple[str, ...] = ("-I", "-S"),
+):
+    return subprocess.run(
+        [python, *flags, str(bundle), *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+# -- bootstrap.sh: static checks ----------------------------------------------------------
+
+
+def test_bootstrap_is_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck)")
+    proc = subprocess.run(
+        [shellcheck, "--severity=style", str(BOOTSTRAP)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = BOOTSTRAP.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "\nset -euo pipefail\n" in text
+    assert os.access(BOOTSTRAP, os.X_OK), "bootstrap.sh must be executable (HTCondor runs it as is)"
+
+
+# -- the bundle ----------------------------------------------------------------------------
+
+
+def test_bundle_holds_the_agent_and_nothing_else(bundle: BundleInfo) -> None:
+    with zipfile.ZipFile(bundle.path) as zf:
+        names = set(zf.namelist())
+        meta = json.loads(zf.read("pixicache-bundle.json"))
+    assert bundle.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    assert {
+        "__main__.py",
+        "site/pixicache/cli.py",
+        "site/pixicache/agent.py",
+        "site/httpx/__init__.py",
+    } <= names
+    assert "site/pixicache/installers/_rattler_child.py" in names
+    assert any(n.startswith("rattler/rattler/") and n.endswith(".so") for n in names)
+    tops = {n.split("/")[1] for n in names if n.startswith("site/")}
+    assert not tops & {"zstandard", "aiohttp", "pygments", "markdown_it", "torch", "_pytest"}, tops
+    assert not any(n.startswith("site/pixicache/testing/") for n in names)
+    assert not any(n.endswith((".pyc", ".so")) for n in names if n.startswith("site/"))
+    assert meta["build_id"] == bundle.build_id and meta["rattler"]["version"] == bundle.rattler
+    assert bundle.packages["pixicache"] == meta["pixicache"]
+
+
+def test_bundle_build_is_reproducible(bundle: BundleInfo, tmp_path: Path) -> None:
+    again = build_bundle(tmp_path / "again.pyz", source="installed", compresslevel=1)
+    assert (again.sha256, again.build_id, again.size) == (
+        bundle.sha256,
+        bundle.build_id,
+        bundle.size,
+    )
+
+
+def test_bundle_runs_isolated_with_no_site_packages(
+    bundle: BundleInfo, job_python: JobPython, tmp_path: Path
+) -> None:
+    env = {"PATH": JOB_PATH, "HOME": str(tmp_path), "PIXICACHE_CACHE_DIR": str(tmp_path / "store")}
+    first = time.perf_counter()
+    proc = run_bundle(job_python.path, bundle.path, "--version", env=env)
+    first = time.perf_counter() - first
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(bundle.packages["pixicache"])
+    assert f"unpacked bundle {bundle.build_id}" in proc.stderr
+    warm = []
+    for _ in range(3):
+        start = time.perf_counter()
+        proc = run_bundle(job_python.path, bundle.path, "--version", env=env)
+        warm.append(time.perf_counter() - start)
+        assert proc.returncode == 0 and "unpacked" not in proc.stderr, proc.stderr
+    print(f"\nbundle: first run (unpack) {first:.2f} s, warm --version {min(warm):.3f} s")
+
+    info = json.loads(run_bundle(job_python.path, bundle.path, "--bundle-info", env=env).stdout)
+    home = tmp_path / "store" / "bundle" / bundle.build_id
+    assert info["home"] == str(home) and info["build_id"] == bundle.build_id
+    assert info["sys_path"][0] == str(home / "site")
+    assert not [p for p in info["sys_path"] if "site-packages" in p or "dist-packages" in p], info[
+        "sys_path"
+    ]
+    assert info["rattler"]["ok"], info["rattler"]["reason"]  # CPython >= 3.10 on linux x86_64
+    assert (home / "site" / "pixicache" / "installers" / "rattler" / "__init__.py").is_file()
+
+    # The agent's commands are there, and run from the unpacked files.
+    for command in ("run", "install"):
+        proc = run_bundle(job_python.path, bundle.path, command, "--help", env=env)
+        assert proc.returncode == 0, proc.stderr
+    # -I alone keeps the interpreter's own site dirs, after the bundle's.
+    info = json.loads(
+        run_bundle(job_python.path, bundle.path, "--bundle-info", env=env, flags=("-I",)).stdout
+    )
+    assert info["sys_path"][0] == str(home / "site")
+
+
+def test_bundle_unpacks_once_when_jobs_start_together(
+    bundle: BundleInfo, job_python: JobPython, tmp_path: Path
+) -> None:
+    root = tmp_path / "node-bundles"
+    env = {"PATH": JOB_PATH, "HOME": str(tmp_path), "PIXICACHE_BUNDLE_DIR": str(root)}
+    procs = [
+        subprocess.Popen(
+            [job_python.path, "-I", str(bundle.path), "--bundle-info"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [(p.communicate(timeout=120), p.returncode) for p in procs]
+    for (out, err), rc in results:
+        assert rc == 0, err
+        assert json.loads(out)["home"] == str(root / bundle.build_id)
+    home = root / bundle.build_id
+    assert unpacked_parts(home) == ["rattler", "site"]
+    markers = [
+        json.loads((home / part / ".pixicache-unpacked").read_text())
+        for part in ("site", "rattler")
+    ]
+    assert all(m["files"] > 0 for m in markers)
+    assert (
+        sum(err.count("unpacked bundle") for (_, err), _ in results) <= 2
+    )  # site and rattler, once each
+
+
+def test_bundle_refuses_an_old_python_in_plain_words(job_python: JobPython, tmp_path: Path) -> None:
+    future = build_bundle(
+        tmp_path / "future.pyz", python_tag="3.99", include_rattler=False, source="installed"
+    )
+    proc = run_bundle(job_python.path, future.path, "--version", env={"PATH": JOB_PATH})
+    assert proc.returncode == 8
+    assert "this bundle needs Python >= 3.99" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bundle_without_rattler_says_why(job_python: JobPython, tmp_path: Path) -> None:
+    plain = build_bundle(tmp_path / "plain.pyz", include_rattler=False, source="installed")
+    env = {"PATH": JOB_PATH, "PIXICACHE_BUNDLE_DIR": str(tmp_path / "b")}
+    info = json.loads(run_bundle(job_python.path, plain.path, "--bundle-info", env=env).stdout)
+    assert info["rattler"] == {
+        "ok": False,
+        "reason": "this bundle was built without py-rattler (pixicache bundle --no-rattler)",
+        "dir": None,
+    }
+    assert not any(p.endswith("/rattler") for p in info["sys_path"]), info["sys_path"]
+
+
+def test_a_rattler_that_cannot_load_is_left_off_and_explained(tmp_path: Path) -> None:
+    """The probe runs in a child process; its verdict is cached per interpreter."""
+    home = tmp_path / "home"
+    pkg = home / "rattler" / "rattler"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "raise ImportError('libfoo.so.1: cannot open shared object file')\n"
+    )
+    (home / "rattler" / ".pixicache-unpacked").write_text("{}")
+    meta = {"rattler": {"version": "0.28.0"}}
+    ok, reason, rdir, _ = _rattler_status(str(tmp_path / "unused.pyz"), meta, home)
+    assert (ok, rdir) == (False, None)
+    assert "cannot be loaded by" in reason and "libfoo.so.1" in reason
+    (pkg / "__init__.py").write_text("__version__ = 'fixed'\n")  # the cached verdict stands
+    assert _rattler_status(str(tmp_path / "unused.pyz"), meta, home)[:2] == (False, reason)
+
+
+# -- bootstrap.sh: each way it can fail ---------------------------------------------------
+
+
+def test_no_python_is_explained(
+    bundle: BundleInfo, lock: Path, job_python: JobPython, tmp_path: Path
+) -> None:
+    old = tmp_path / "bin" / "python3"
+    old.parent.mkdir()
+    old.write_text("#!/bin/sh\necho '3 6'\n")  # answers like a Python 3.6 would
+    old.chmod(0o755)
+    sb = make_sandbox(tmp_path, "dir_1", bundle, lock)
+    job = run_job(
+        sb,
+        job_env(sb, job_python, store=tmp_path / "store", mirror=None, PIXICACHE_PYTHON=str(old)),
+    )
+    assert job.rc == 8, job.explain()
+    assert "this execute node has no python3 >= 3.9" in job.stderr
+    assert f"{old}=3.6" in job.stderr
+
+
+def test_agent_digest_mismatch_is_a_hard_error(
+    bundle: BundleInfo, lock: Path, job_python: JobPython, tmp_path: Path
+) -> None:
+    sb = make_sandbox(tmp_path, "dir_1", bundle, lock)
+    wrong = "0" * 64
+    env = job_env(
+        sb, job_python, store=tmp_path / "store", mirror=None, PIXICACHE_AGENT_SHA256=wrong
+    )
+    job = run_job(sb, env)
+    assert job.rc == 4, job.explain()
+    assert bundle.sha256 in job.stderr and wrong in job.stderr
+    assert not (sb / "pixicache-report.json").exists()  # the agent never ran
+
+
+def test_agent_fetched_from_the_mirror_and_verified(
+    bundle: BundleInfo,
+    lock: Path,
+    job_python: JobPython,
+    static_mirror: UpstreamServer,
+    bundle_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """No pixicache.pyz transferred: bootstrap fetches $PIXICACHE_MIRROR/agent/pixicache.pyz."""
+    sb = make_sandbox(tmp_path, "dir_1", bundle, lock, agent=False)
+    env = job_env(
+        sb, job_python, store=tmp_path / "store", mirror=static_mirror.url,
+        PIXICACHE_AGENT_SHA256=bundle.sha256.upper(), PIXICACHE_TASK="hello", PIXICACHE_BUNDLE_DIR=str(bundle_dir),
+    )  # fmt: skip
+    job = run_job(sb, env, "from-the-job")
+    assert job.rc == 0, job.explain()
+    assert f"fetched from {static_mirror.url}/agent/pixicache.pyz" in job.stdout
+    assert "verified" in job.stdout and "arg: from-the-job" in job.stdout
+    assert static_mirror.count("/agent/pixicache.pyz") == 1
+
+    # Without a digest to check, a fetched agent is refused.
+    sb2 = make_sandbox(tmp_path, "dir_2", bundle, lock, agent=False)
+    env.pop("PIXICACHE_AGENT_SHA256")
+    job = run_job(sb2, env | {"_CONDOR_SCRATCH_DIR": str(sb2)})
+    assert job.rc == 4 and "refusing to run an agent fetched from" in job.stderr, job.explain()
+
+
+def test_unreachable_mirror_is_explained(
+    bundle: BundleInfo, lock: Path, job_python: JobPython, bundle_dir: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    # The agent cannot be fetched.
+    sb = make_sandbox(tmp_path, "dir_1", bundle, lock, agent=False)
+    env = job_env(
+        sb, job_python, store=tmp_path / "store", mirror=url, PIXICACHE_AGENT_SHA256=bundle.sha256
+    )
+    job = run_job(sb, env)
+    assert job.rc == 3, job.explain()
+    assert f"cannot fetch the agent from {url}/agent/pixicache.pyz" in job.stderr
+    # The agent was transferred, but the packages cannot be fetched: preflight says so.
+    sb = make_sandbox(tmp_path, "dir_2", bundle, lock)
+    env = job_env(
+        sb, job_python, store=tmp_path / "store", mirror=url, PIXICACHE_BUNDLE_DIR=str(bundle_dir)
+    )
+    job = run_job(sb, env)
+    assert job.rc == 8, job.explain()
+    assert f"reason: the mirror {url} does not answer" in job.stdout
+    assert "pixicache failed (exit 8): preflight" in job.stderr
+
+
+def test_task_exit_code_is_passed_through_and_not_mistaken_for_the_agents(
+    bundle: BundleInfo,
+    lock: Path,
+    job_python: JobPython,
+    static_mirror: UpstreamServer,
+    bundle_dir: Path,
+    tmp_path: Path,
+) -> None:
+    sb = make_sandbox(tmp_path, "dir_1", bundle, lock)
+    env = job_env(
+        sb, job_python, store=tmp_path / "store", mirror=static_mirror.url,
+        PIXICACHE_TASK="hello", PIXICACHE_BUNDLE_DIR=str(bundle_dir),
+    )  # fmt: skip
+    job = run_job(sb, env, "--exit", "3")  # 3 is also the agent's "fetch failed"
+    assert job.rc == 3, job.explain()
+    assert "task 'hello' failed with exit code 3" in job.stderr
+    assert "pixicache failed" not in job.stderr
+
+
+def test_sigterm_reaches_the_task_and_its_code_comes_back(
+    bundle: BundleInfo,
+    lock: Path,
+    job_python: JobPython,
+    static_mirror: UpstreamServer,
+    bundle_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """HTCondor signals the job's main process (bootstrap.sh) on eviction or condor_rm."""
+    sb = make_sandbox(tmp_path, "dir_1", bundle, lock)
+    env = job_env(
+        sb, job_python, store=tmp_path / "store", mirror=static_mirror.url,
+        PIXICACHE_TASK="wait-signal", PIXICACHE_BUNDLE_DIR=str(bundle_dir),
+    )  # fmt: skip
+    proc = start_job(sb, env)
+    deadline = time.monotonic() + 120
+    while not (sb / "task-ready").exists():
+        assert proc.poll() is None, finish_job(sb, proc).explain()
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    job = finish_job(sb, proc, timeout=60)
+    assert job.rc == 128 + signal.SIGTERM, job.explain()
+    assert (sb / "got-signal").read_text() == "SIGTERM"
+    assert "forwarding it to the agent" in job.stderr and "stopped by SIGTERM" in job.stderr
+
+
+# -- acceptance: the job sandbox, one and ten at once ---------------------------------------
+
+
+def check_outputs(sb: Path, job: Job) -> dict:
+    """The job's outputs for transfer: the model and the report."""
+    assert job.rc == 0, job.explain()
+    model = sb / "mnist_cnn.pt"
+    assert model.is_file() and zipfile.is_zipfile(model), "mnist_cnn.pt is not a torch.save file"
+    report = json.loads((sb / "pixicache-report.json").read_text())
+    assert report["exit_code"] == 0 and report["task"]["exit_code"] == 0
+    assert report["task"]["name"] == "train"
+    assert report["gpus"]["_CONDOR_AssignedGPUs"] in ("", None)
+    assert report["tiers"]["upstream"]["artifacts"] == 0
+    assert "model saved -> mnist_cnn.pt" in job.stdout
+    assert "done: task 'train' finished" in job.stdout
+    return report
+
+
+@pytest.mark.slow
+def test_job_sandbox_trains_mnist_through_the_mirror(
+    bundle: BundleInfo,
+    lock: Path,
+    channel: Channel,
+    job_python: JobPython,
+    mirror: Mirror,
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip(
+        "torch", reason="the stand-in python runs train_mnist.py with this interpreter's torch"
+    )
+    store = tmp_path / "node-store"
+    sb = make_sandbox(tmp_path / "execute", "dir_4242", bundle, lock)
+    job = run_job(sb, job_env(sb, job_python, store=store, mirror=mirror.url))
+    report = check_outputs(sb, job)
+    n = len(channel.packages)
+    assert report["tiers"]["mirror"]["artifacts"] == n, report["tiers"]
+    assert report["tiers"]["mirror"]["transferred"] > 0
+    assert report["installer"]["name"] == "rattler", report["installer"]
+    for path in channel_paths(channel):
+        assert mirror.upstream.count(path) == 1, path
+    assert f"python: {job_python.path}" in job.stdout
+    assert (
+        "transferred with the job" in job.stdout
+        and "data: unpacked MNIST_data.tar.gz" in job.stdout
+    )
+    assert (sb / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    assert (store / "bundle" / bundle.build_id / "site").is_dir()  # unpacked into the node store
+    print(f"\njob sandbox: exit 0 in {job.seconds:.1f} s; phases {report['phases']}")
+
+
+@pytest.mark.slow
+def test_ten_job_sandboxes_share_one_node_store(
+    bundle: BundleInfo,
+    lock: Path,
+    channel: Channel,
+    job_python: JobPython,
+    mirror: Mirror,
+    tmp_path: Path,
+) -> None:
+    """Ten jobs start at once on one node (cold store): each artifact is fetched once."""
+    pytest.importorskip(
+        "torch", reason="the stand-in python runs train_mnist.py with this interpreter's torch"
+    )
+    store = tmp_path / "node-store"
+    sandboxes = [
+        make_sandbox(tmp_path / "execute", f"dir_{i}", bundle, lock, proc=i) for i in range(10)
+    ]
+    start = time.perf_counter()
+    procs = [
+        start_job(sb, job_env(sb, job_python, store=store, mirror=mirror.url)) for sb in sandboxes
+    ]
+    jobs = [finish_job(sb, p, timeout=280) for sb, p in zip(sandboxes, procs)]
+    seconds = time.perf_counter() - start
+    reports = [check_outputs(sb, job) for sb, job in zip(sandboxes, jobs)]
+
+    n = len(channel.packages)
+    from_mirror = sum(r["tiers"]["mirror"]["artifacts"] for r in reports)
+    assert from_mirror == n, [r["tiers"] for r in reports]  # once per node, not once per job
+    for r in reports:
+        assert r["tiers"]["mirror"]["artifacts"] + r["tiers"]["store"]["artifacts"] == n, r["tiers"]
+    for path in channel_paths(channel):
+        assert mirror.upstream.count(path) == 1, path  # and the mirror fetched it once upstream
+    assert unpacked_parts(store / "bundle" / bundle.build_id) == ["rattler", "site"]
+    unpacks = sum(job.stderr.count("unpacked bundle") for job in jobs)
+    assert 1 <= unpacks <= 2, unpacks  # site (and rattler), by whichever job came first
+    print(
+        f"\nten sandboxes: all exit 0 in {seconds:.1f} s ({max(j.seconds for j in jobs):.1f} s slowest)"
+    )
