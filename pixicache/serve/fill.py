@@ -1,0 +1,625 @@
+"""Single-flight fills: one upstream download per missing artifact, streamed to every waiter.
+
+A :class:`Fill` is one upstream transfer into the store. The first request
+for a missing artifact starts it (a *miss*); requests for the same artifact
+while it runs join it (*coalesced*). The fill writes a partial file; each
+waiter tails that file up to the fill's current offset (``sendfile`` from the
+page cache), waking when the fill advances, so waiters get bytes as they
+arrive and a waiter that joins late starts from the first byte. Memory stays
+flat: at most :data:`HIGH_WATER` bytes per fill, and :data:`BUFFER_BUDGET`
+bytes for all fills together, wait between the network and the disk.
+
+Nothing unverified looks complete: a waiter holds back the last byte of what
+it sends until the fill's digest is verified; if the fill fails, the waiter's
+connection is aborted (or it gets a 502/504/507 if no body byte was sent).
+Fills run as their own tasks: a waiter that disconnects never cancels one.
+
+The fill holds the store's per-artifact ``flock`` (taken in a worker thread),
+so agents sharing the server's store coordinate with it: if one is already
+downloading the artifact the fill waits for it and then serves the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+
+from ..errors import StoreError, StoreFull
+from ..locking import FileLock, LockTimeout
+from ..store import Store
+from .metrics import Metrics
+from .writer import FillWriter, fill_lock
+
+log = logging.getLogger("pixicache.serve")
+
+HIGH_WATER = 4 << 20
+"""Bytes one fill holds in memory (read, not yet written and hashed) before it stops reading."""
+
+BUFFER_BUDGET = 64 << 20
+"""Bytes all fills together hold in memory before they stop reading (flat RSS under a herd)."""
+
+DISK_RESERVE = 16 << 20
+"""Free space kept on the store's file system beyond a fill's announced size."""
+
+USER_AGENT = "pixicache-serve"
+
+
+class FillFailed(Exception):
+    """Why a fill did not produce a verified blob: the status waiters answer with.
+
+    ``keep_partial`` says whether the partial bytes are worth resuming (an
+    interrupted transfer of a known digest) or must go (bad bytes).
+    """
+
+    def __init__(
+        self, status: int, message: str, *, reason: str = "", keep_partial: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason or str(status)
+        self.keep_partial = keep_partial
+
+
+class Fill:
+    """One upstream transfer that requests wait on; all methods run on the event loop.
+
+    ``state`` goes ``waiting`` → ``streaming`` → ``verified`` → ``committed``,
+    or ends in ``failed``; ``present`` means another process committed the
+    blob while this fill waited for the lock (waiters serve it as a hit).
+    """
+
+    def __init__(self, url: str, expected: str | None, upstream: str) -> None:
+        self.url = url
+        self.expected = expected
+        self.upstream = upstream
+        self.key = fill_key(url, expected)
+        self.state = "waiting"
+        self.total: int | None = None  # full size, when upstream announced it
+        self.offset = 0  # bytes readable in the partial file
+        self.digest: str | None = None
+        self.error: FillFailed | None = None
+        self.blob_path: Path | None = None
+        self.read_fd: int | None = None
+        self.readers = 0
+        self.finished = False
+        self.started = time.monotonic()
+        self._ready = asyncio.Event()
+        self._done = asyncio.Event()
+        self._committed = asyncio.Event()
+        self._progress = asyncio.Event()
+
+    # -- state seen by waiters -------------------------------------------------------------
+    @property
+    def ok(self) -> bool:
+        """The digest is verified (the bytes may be sent in full)."""
+        return self.state in ("verified", "committed", "present")
+
+    @property
+    def failed(self) -> bool:
+        return self.state == "failed"
+
+    async def wait_ready(self) -> None:
+        """Until the body starts streaming, or the fill ended."""
+        await self._ready.wait()
+
+    async def wait_done(self) -> None:
+        """Until the digest is verified, or the fill failed."""
+        await self._done.wait()
+
+    async def wait_committed(self) -> None:
+        """Until the blob is in the store, or the fill failed."""
+        await self._committed.wait()
+
+    async def wait_change(self) -> None:
+        """Until the fill advances or changes state (call right after checking it)."""
+        await self._progress.wait()
+
+    def acquire(self) -> None:
+        """A waiter starts using the fill (keeps the partial file's fd open)."""
+        self.readers += 1
+
+    def release(self) -> None:
+        self.readers -= 1
+        self._close_if_unused()
+
+    def reader(self) -> IO[bytes]:
+        """A file object on the bytes so far (its own fd; valid after commit and eviction)."""
+        assert self.read_fd is not None
+        return os.fdopen(os.dup(self.read_fd), "rb", buffering=0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "expected_sha256": self.expected,
+            "state": self.state,
+            "bytes": self.offset,
+            "total": self.total,
+            "waiters": self.readers,
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
+
+    # -- driven by the manager -------------------------------------------------------------
+    def _notify(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    def _advanced(self, future: asyncio.Future[int]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.offset = max(self.offset, future.result())
+            self._notify()
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        if state != "waiting":
+            self._ready.set()
+        if state in ("verified", "committed", "present", "failed"):
+            self._done.set()
+        if state in ("committed", "present", "failed"):
+            self._committed.set()
+        self._notify()
+
+    def _close_if_unused(self) -> None:
+        if self.finished and self.readers <= 0 and self.read_fd is not None:
+            fd, self.read_fd = self.read_fd, None
+            os.close(fd)
+
+
+def fill_key(url: str, expected: str | None) -> str:
+    return f"sha256:{expected}" if expected else f"url:{url}"
+
+
+class FillManager:
+    """Starts fills, finds the one in progress for an artifact, and tracks them.
+
+    Args:
+        store: the store fills commit into.
+        metrics: updated as fills progress.
+        executor: runs the blocking store calls (write, hash, fsync, rename); a
+            contended store lock is waited for in a pool of its own.
+        session: returns the aiohttp client session for upstream requests.
+        on_commit: called on the loop with (digest, size) after each commit.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        executor: Executor,
+        session: Callable[[], aiohttp.ClientSession],
+        on_commit: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.executor = executor
+        self._session = session
+        self.on_commit = on_commit
+        self.buffered = 0  # bytes read from upstreams, not yet written and hashed
+        self._budget_room: asyncio.Event | None = None
+        self._lock_pool = ThreadPoolExecutor(
+            max_workers=32, thread_name_prefix="pixicache-serve-lock"
+        )
+        self._fills: dict[str, Fill] = {}
+        self._by_url: dict[str, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Event | None = None
+        self.full_until = 0.0  # monotonic time until which misses are refused (store full)
+        self.full_backoff = 5.0
+        self.full_message = ""
+
+    # -- lookup ------------------------------------------------------------------------------
+    def find(self, url: str, expected: str | None) -> Fill | None:
+        """The fill in progress that serves (``url``, ``expected``), if any.
+
+        A request with an expected digest also joins a fill of the same URL
+        started without one (its waiters check the final digest).
+        """
+        if expected:
+            fill = self._fills.get(fill_key(url, expected))
+            if fill is not None:
+                return fill
+        fill = self._by_url.get(url)
+        if fill is not None and (expected is None or fill.expected in (None, expected)):
+            return fill
+        return None
+
+    @property
+    def in_flight(self) -> list[Fill]:
+        return list(self._fills.values())
+
+    def store_full(self) -> str | None:
+        """Why misses are refused right now (the store filled up recently), or ``None``."""
+        if time.monotonic() < self.full_until:
+            return self.full_message
+        return None
+
+    def start(self, url: str, expected: str | None, upstream: str) -> Fill:
+        """Start filling (``url``, ``expected``) in a task of its own."""
+        fill = Fill(url, expected, upstream)
+        self._fills[fill.key] = fill
+        self._by_url[url] = fill
+        if self._idle is not None:
+            self._idle.clear()
+        self.metrics.fills_in_flight.inc()
+        task = asyncio.get_running_loop().create_task(self._run(fill))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    async def wait_idle(self) -> None:
+        """Until no fill is in progress."""
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        if not self._fills:
+            self._idle.set()
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Cancel the fills still running (their waiters are gone: shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        self._lock_pool.shutdown(wait=True)
+
+    def _budget(self) -> asyncio.Event:
+        if self._budget_room is None:
+            self._budget_room = asyncio.Event()
+            self._budget_room.set()
+        return self._budget_room
+
+    async def _take(self, lock: FileLock) -> None:
+        """Take a fill's store lock: at once if free, else in a thread (an agent on this
+        node is downloading the same artifact), polling so that shutdown never hangs."""
+        lock.timeout = 0
+        try:
+            lock.acquire()
+            return
+        except LockTimeout:
+            pass
+        stop = threading.Event()
+
+        def wait() -> None:
+            lock.timeout = 0.5
+            while True:
+                try:
+                    lock.acquire()
+                    return
+                except LockTimeout:
+                    if stop.is_set():
+                        raise
+
+        fut = asyncio.get_running_loop().run_in_executor(self._lock_pool, wait)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            stop.set()
+            fut.add_done_callback(lambda f: lock.release() if not f.exception() else None)
+            raise
+
+    # -- one fill ----------------------------------------------------------------------------
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _run(self, fill: Fill) -> None:
+        lock = fill_lock(self.store, fill.expected, fill.url)
+        writer: FillWriter | None = None
+        try:
+            await self._take(lock)
+            if fill.expected and self.store.has(fill.expected):
+                fill.blob_path = self.store.path_for(fill.expected)
+                fill.digest = fill.expected
+                fill._set_state("present")
+                return
+            writer = await self._in_thread(FillWriter, self.store, fill.url, fill.expected)
+            await self._download(fill, writer)
+            digest = writer.hexdigest()
+            if fill.expected and digest != fill.expected:
+                self.metrics.upstream_errors.labels("digest").inc()
+                raise FillFailed(
+                    502,
+                    f"upstream sent {fill.url} with SHA-256 {digest}, expected {fill.expected}: "
+                    "the bytes were discarded and nothing was stored",
+                    reason="digest",
+                )
+            fill.digest = digest
+            fill._set_state("verified")
+            fill.blob_path = await self._in_thread(writer.commit, digest)
+            writer = None
+            fill._set_state("committed")
+            if self.on_commit is not None:
+                self.on_commit(digest, fill.offset)
+        except FillFailed as exc:
+            self._fail(fill, exc)
+        except asyncio.CancelledError:
+            self._fail(
+                fill,
+                FillFailed(
+                    503, "the server is shutting down", reason="shutdown", keep_partial=True
+                ),
+            )
+            raise
+        except BaseException as exc:
+            self._fail(fill, self._describe(fill, exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if writer is not None:
+                keep = (
+                    fill.error is not None and fill.error.keep_partial and fill.expected is not None
+                )
+                with contextlib.suppress(OSError):
+                    if keep:
+                        writer.close()
+                    else:
+                        writer.discard()
+            lock.release()  # a no-op if it was never taken
+            self._finish(fill)
+
+    def _describe(self, fill: Fill, exc: BaseException) -> FillFailed:
+        host = fill.url.split("/")[2] if "://" in fill.url else fill.url
+        if isinstance(exc, StoreFull) or (
+            isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            self.full_until = time.monotonic() + self.full_backoff
+            self.full_message = (
+                f"the mirror's store is full ({exc}); only cached artifacts are served"
+            )
+            return FillFailed(507, self.full_message, reason="store_full")
+        if isinstance(exc, StoreError):
+            return FillFailed(503, f"the mirror's store cannot be written: {exc}", reason="store")
+        if isinstance(exc, asyncio.TimeoutError):
+            self.metrics.upstream_errors.labels("timeout").inc()
+            return FillFailed(
+                504,
+                f"upstream {host} timed out sending {fill.url}",
+                reason="timeout",
+                keep_partial=True,
+            )
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            self.metrics.upstream_errors.labels("truncated").inc()
+            return FillFailed(
+                502,
+                f"upstream {host} ended {fill.url} early ({fill.offset} of "
+                f"{fill.total if fill.total is not None else '?'} bytes): {exc}",
+                reason="truncated",
+                keep_partial=True,
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            self.metrics.upstream_errors.labels("connect").inc()
+            return FillFailed(
+                502, f"cannot connect to upstream {host}: {exc.os_error or exc}", reason="connect"
+            )
+        if isinstance(exc, (aiohttp.ClientError, ConnectionError)):
+            self.metrics.upstream_errors.labels("connection").inc()
+            return FillFailed(
+                502,
+                f"upstream {host} failed while sending {fill.url}: {exc}",
+                reason="connection",
+                keep_partial=True,
+            )
+        log.exception("fill of %s failed unexpectedly", fill.url, exc_info=exc)
+        return FillFailed(
+            500, f"internal error while fetching {fill.url}: {exc!r}", reason="internal"
+        )
+
+    def _fail(self, fill: Fill, failure: FillFailed) -> None:
+        if failure.status != 503 or failure.reason != "shutdown":
+            log.warning("fill failed (%s): %s", failure.status, failure.message)
+        fill.error = failure
+        fill._set_state("failed")
+
+    def _finish(self, fill: Fill) -> None:
+        fill.finished = True
+        if self._fills.get(fill.key) is fill:
+            del self._fills[fill.key]
+        if self._by_url.get(fill.url) is fill:
+            del self._by_url[fill.url]
+        fill._close_if_unused()
+        self.metrics.fills_in_flight.dec()
+        if not fill._ready.is_set():  # ended before any state change
+            fill._set_state("failed")
+        if not self._fills and self._idle is not None:
+            self._idle.set()
+
+    async def _download(self, fill: Fill, writer: FillWriter) -> None:
+        """GET the body (resuming a partial file of a known digest) into ``writer``."""
+        if fill.expected and writer.offset and writer.hexdigest() == fill.expected:
+            # a complete partial file (a crash between verify and rename)
+            fill.total = writer.offset
+            self._start_streaming(fill, writer)
+            return
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if fill.expected:
+            headers["x-expected-sha256"] = fill.expected
+        for _attempt in range(3):
+            req_headers = dict(headers)
+            if writer.offset:
+                req_headers["Range"] = f"bytes={writer.offset}-"
+            self.metrics.upstream_requests.labels(fill.upstream, "artifact").inc()
+            async with self._session().get(fill.url, headers=req_headers) as resp:
+                if not await self._accept(fill, writer, resp):
+                    continue
+                length = resp.content_length
+                if resp.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    length = None
+                fill.total = writer.offset + length if length is not None else None
+                if length is not None:
+                    self._check_space(length)
+                self._start_streaming(fill, writer)
+                await self._pump(fill, writer, resp)
+                break
+        else:
+            raise FillFailed(
+                502, f"upstream did not honour a Range request for {fill.url}", reason="status"
+            )
+        if fill.total is not None and writer.offset != fill.total:
+            self.metrics.upstream_errors.labels("truncated").inc()
+            raise FillFailed(
+                502,
+                f"upstream ended {fill.url} after {writer.offset} of {fill.total} bytes",
+                reason="truncated",
+                keep_partial=True,
+            )
+
+    async def _accept(self, fill: Fill, writer: FillWriter, resp: aiohttp.ClientResponse) -> bool:
+        """Check the upstream status; False means: retry from zero."""
+        status = resp.status
+        if writer.offset and status == 416:
+            await self._in_thread(writer.restart)
+            return False
+        if writer.offset and status == 206:
+            start = _content_range_start(resp.headers.get("Content-Range", ""))
+            if start != writer.offset:
+                await self._in_thread(writer.restart)
+                return False
+            return True
+        if status == 200:
+            if writer.offset:
+                await self._in_thread(writer.restart)
+            return True
+        self.metrics.upstream_errors.labels("status").inc()
+        if status in (404, 410):
+            raise FillFailed(404, f"upstream has no {fill.url} (HTTP {status})", reason="status")
+        raise FillFailed(
+            504 if status == 504 else 502,
+            f"upstream answered HTTP {status} for {fill.url}",
+            reason="status",
+            keep_partial=True,
+        )
+
+    def _check_space(self, length: int) -> None:
+        try:
+            st = os.statvfs(self.store.partial_dir)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if length + DISK_RESERVE > free:
+            raise StoreFull(f"{length} bytes announced, {free} bytes free in {self.store.root}")
+
+    def _start_streaming(self, fill: Fill, writer: FillWriter) -> None:
+        fill.read_fd = writer.open_reader()
+        fill.offset = writer.offset
+        fill._set_state("streaming")
+
+    async def _pump(self, fill: Fill, writer: FillWriter, resp: aiohttp.ClientResponse) -> None:
+        """Copy the body into the partial file while reading the next bytes.
+
+        Two lanes run in worker threads, each taking every chunk queued since
+        its last job: one appends to the file (``pwritev``, no copy) and
+        advances the fill (waking its waiters), the other hashes. Both release
+        the GIL, so reading, writing and hashing overlap. At most
+        :data:`HIGH_WATER` bytes wait for a lane; beyond that, reading pauses
+        (TCP backpressure to upstream).
+        """
+        loop = asyncio.get_running_loop()
+        room = asyncio.Event()
+        room.set()
+        waiting = {"write": 0, "hash": 0}
+        held = [0]  # this fill's share of self.buffered
+
+        def rebalance() -> None:
+            now = max(waiting.values())
+            self.buffered += now - held[0]
+            held[0] = now
+            if now < HIGH_WATER // 2:
+                room.set()
+            if self.buffered < BUFFER_BUDGET // 2:
+                self._budget().set()
+
+        def lane_done(name: str, size: int) -> None:
+            waiting[name] -= size
+            rebalance()
+
+        def advanced(chunks: list[bytes], offset: int) -> None:
+            fill.offset = max(fill.offset, offset)
+            fill._notify()
+
+        async def lane(
+            name: str, queue: asyncio.Queue[bytes | None], work: Callable[[list[bytes]], Any]
+        ) -> None:
+            ended = False
+            while not ended:
+                item = await queue.get()
+                if item is None:
+                    return
+                chunks = [item]
+                while not queue.empty() and len(chunks) < 256:
+                    nxt = queue.get_nowait()
+                    if nxt is None:
+                        ended = True
+                        break
+                    chunks.append(nxt)
+                result = await loop.run_in_executor(self.executor, work, chunks)
+                size = sum(len(c) for c in chunks)
+                if name == "write":
+                    self.metrics.upstream_bytes.inc(size)
+                    advanced(chunks, result)
+                lane_done(name, size)
+
+        write_q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        hash_q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        lanes = [
+            loop.create_task(lane("write", write_q, writer.append)),
+            loop.create_task(lane("hash", hash_q, writer.hash_chunks)),
+        ]
+        for task in lanes:
+            task.add_done_callback(lambda _t: room.set())
+        content = resp.content
+        try:
+            while True:
+                for task in lanes:
+                    if task.done():
+                        task.result()  # a lane failed (disk full): raise it here
+                        raise RuntimeError("a fill lane ended early")
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                waiting["write"] += len(chunk)
+                waiting["hash"] += len(chunk)
+                rebalance()
+                write_q.put_nowait(chunk)
+                hash_q.put_nowait(chunk)
+                if max(waiting.values()) >= HIGH_WATER:
+                    room.clear()
+                    await room.wait()
+                while self.buffered >= BUFFER_BUDGET and held[0]:
+                    # all fills together hold too much: wait for the disk to catch up
+                    budget = self._budget()
+                    budget.clear()
+                    await budget.wait()
+        finally:
+            # let the lanes finish what they have (every byte that arrived is kept,
+            # so a later fill can resume after it); never close the writer under them
+            write_q.put_nowait(None)
+            hash_q.put_nowait(None)
+            outcomes = await asyncio.shield(asyncio.gather(*lanes, return_exceptions=True))
+            waiting["write"] = waiting["hash"] = 0
+            rebalance()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        fill.offset = writer.offset
+        fill._notify()
+
+
+def _content_range_start(value: str) -> int | None:
+    unit, _, rest = value.strip().partition(" ")
+    if unit.lower() != "bytes":
+        return None
+    try:
+        return int(rest.split("-", 1)[0])
+    except ValueError:
+        return None

@@ -1,0 +1,249 @@
+"""HTTP details the server gets right in one place: safe paths, Range, validators, sending.
+
+* :func:`split_path` turns a raw request target into plain path segments or
+  refuses it (absolute URLs, ``..``/``%2e%2e``, backslashes, NULs, encoded
+  slashes, double encoding, over-long targets). It works on the *raw* target:
+  aiohttp's ``request.path`` is already normalised and would hide ``..``.
+* :func:`parse_range` reads a single ``bytes=`` range (multi-range requests
+  are answered with the whole body, which RFC 9110 allows).
+* :func:`not_modified` / :func:`if_range_allows` evaluate the validators.
+* :func:`send_region` sends part of a file with ``loop.sendfile`` (zero-copy
+  ``sendfile(2)`` on a plain TCP transport), in chunks each bounded by a send
+  timeout, so a client that stops reading is dropped instead of holding a
+  connection forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import re
+import socket
+import sys
+from collections.abc import Awaitable, Mapping
+from typing import IO, Any, Union
+from urllib.parse import unquote
+
+from aiohttp import web
+
+SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.+\-!~=,@]+$")
+"""What one decoded path segment may hold (conda file names, versions, hex digests)."""
+
+SEND_CHUNK = 4 << 20
+"""Bytes per ``sendfile`` call; each must complete within the send timeout."""
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+"""``Cache-Control`` of content-addressed responses: any HTTP cache may keep them."""
+
+
+class HTTPProblem(Exception):
+    """A request the server refuses before touching anything: status and reason."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def split_path(raw_target: str, max_len: int = 1024) -> tuple[list[str], str]:
+    """A raw request target → (decoded path segments, raw query string).
+
+    Raises :class:`HTTPProblem` (400 or 414) for anything but a plain
+    origin-form path of safe segments.
+
+    >>> split_path("/conda-forge/linux-64/x-1.0-0.conda?a=1")
+    (['conda-forge', 'linux-64', 'x-1.0-0.conda'], 'a=1')
+    >>> split_path("/conda-forge/%2e%2e/etc")
+    Traceback (most recent call last):
+    ...
+    pixicache.serve.http.HTTPProblem: path traversal ('..') is not allowed
+    """
+    if len(raw_target) > max_len:
+        raise HTTPProblem(414, f"request target longer than {max_len} characters")
+    if not raw_target.startswith("/") or raw_target.startswith("//"):
+        raise HTTPProblem(400, "only origin-form paths are served (this is not a proxy)")
+    path, _, query = raw_target.partition("?")
+    if "#" in path:
+        raise HTTPProblem(400, "a fragment does not belong in a request")
+    if path == "/":
+        return [], query
+    segments = []
+    for raw in path[1:].split("/"):
+        if not raw:
+            raise HTTPProblem(400, "empty path segment ('//' or a trailing '/')")
+        try:
+            seg = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise HTTPProblem(400, "path is not valid UTF-8") from None
+        if seg in (".", ".."):
+            raise HTTPProblem(400, "path traversal ('..') is not allowed")
+        if "%" in seg:
+            raise HTTPProblem(400, "double-encoded path")
+        if not SEGMENT_RE.match(seg):
+            raise HTTPProblem(400, f"unexpected character in path segment {seg[:80]!r}")
+        segments.append(seg)
+    return segments, query
+
+
+Span = Union[tuple[int, int], str, None]
+
+
+def parse_range(header: str | None, size: int) -> Span:
+    """A single ``bytes=`` range → ``(first, last)`` (inclusive), ``"unsatisfiable"``,
+    or ``None`` to ignore the header (absent, malformed, other unit, several ranges).
+
+    >>> parse_range("bytes=0-9", 100), parse_range("bytes=-10", 100), parse_range("bytes=90-", 100)
+    ((0, 9), (90, 99), (90, 99))
+    >>> parse_range("bytes=100-", 100)
+    'unsatisfiable'
+    """
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, sep, last = spec.strip().partition("-")
+    if not sep:
+        return None
+    first, last = first.strip(), last.strip()
+    try:
+        if not first:
+            n = int(last)
+            if n <= 0 or size == 0:
+                return "unsatisfiable"
+            return max(0, size - n), size - 1
+        a = int(first)
+        b = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if a < 0 or (last and b < a):
+        return None
+    if a >= size:
+        return "unsatisfiable"
+    return a, min(b, size - 1)
+
+
+def http_date(timestamp: float) -> str:
+    """An IMF-fixdate (``Last-Modified`` format)."""
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def parse_http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def etag_matches(header: str | None, etag: str | None) -> bool:
+    """Weak comparison of an ``If-None-Match`` list against ``etag``."""
+    if header is None or etag is None:
+        return False
+    if header.strip() == "*":
+        return True
+    bare = etag[2:] if etag.startswith("W/") else etag
+    for tag in header.split(","):
+        t = tag.strip()
+        if t.startswith("W/"):
+            t = t[2:]
+        if t == bare:
+            return True
+    return False
+
+
+def not_modified(headers: Mapping[str, str], etag: str | None, mtime: float | None) -> bool:
+    """Whether a GET/HEAD with these request headers is answered ``304``."""
+    inm = headers.get("If-None-Match")
+    if inm is not None:
+        return etag_matches(inm, etag)
+    since = parse_http_date(headers.get("If-Modified-Since"))
+    return since is not None and mtime is not None and int(mtime) <= since
+
+
+def if_range_allows(
+    headers: Mapping[str, str], etag: str | None, last_modified: str | None
+) -> bool:
+    """False when an ``If-Range`` validator no longer matches (send the whole body)."""
+    value = headers.get("If-Range")
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith('"'):
+        return etag is not None and value == etag
+    return last_modified is not None and value == last_modified
+
+
+def cork(request: web.BaseRequest, on: bool) -> None:
+    """``TCP_CORK`` on or off (Linux; like nginx's ``tcp_nopush``): with it on, the
+    headers and the first ``sendfile`` bytes leave in full segments, not as a
+    separate small packet; turning it off flushes what is left."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and hasattr(socket, "TCP_CORK"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+
+
+def abort(request: web.BaseRequest) -> None:
+    """Drop the connection at once (the client sees a short body, never a complete one)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def send_region(
+    request: web.BaseRequest, fobj: IO[bytes], offset: int, count: int, timeout: float
+) -> int:
+    """Send ``count`` bytes of ``fobj`` from ``offset`` on the request's connection.
+
+    The response must be prepared (headers sent). Uses ``loop.sendfile``
+    (``sendfile(2)``, zero-copy) in :data:`SEND_CHUNK` pieces; a piece the
+    client does not accept within ``timeout`` seconds aborts the connection.
+    Returns the bytes sent; raises :class:`ConnectionResetError` if the client
+    went away.
+    """
+    loop = asyncio.get_running_loop()
+    sent = 0
+    while sent < count:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        n = min(SEND_CHUNK, count - sent)
+        try:
+            await _bounded(loop.sendfile(transport, fobj, offset + sent, n), timeout)
+        except asyncio.TimeoutError:
+            abort(request)
+            raise ConnectionResetError(f"client accepted no data for {timeout:g} s") from None
+        except (OSError, RuntimeError) as exc:
+            abort(request)
+            raise ConnectionResetError(str(exc)) from exc
+        sent += n
+    return sent
+
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded(aw: Awaitable[Any], timeout: float) -> Any:
+        """``await aw`` within ``timeout`` (asyncio.timeout: no extra task per call)."""
+        async with asyncio.timeout(timeout):
+            return await aw
+
+else:  # pragma: no cover
+
+    async def _bounded(aw: Awaitable[Any], timeout: float) -> Any:
+        return await asyncio.wait_for(aw, timeout)
+
+
+async def write_chunk(
+    request: web.BaseRequest, resp: web.StreamResponse, data: Any, timeout: float
+) -> None:
+    """``resp.write(data)`` (with chunked framing if the response is chunked), bounded by ``timeout``."""
+    try:
+        await _bounded(resp.write(data), timeout)
+    except asyncio.TimeoutError:
+        abort(request)
+        raise ConnectionResetError(f"client accepted no data for {timeout:g} s") from None

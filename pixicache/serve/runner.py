@@ -1,0 +1,240 @@
+"""Running the server: in the foreground (the CLI, with graceful SIGTERM) or on a
+background thread (tests, ``pixicache demo``, benchmarks).
+
+The HTTP layer is aiohttp's low-level server (``web.Server``): one asyncio
+loop, HTTP/1.1 keep-alive, bodies streamed with flat memory
+(``StreamResponse``), stored blobs sent with ``loop.sendfile`` (``sendfile(2)``,
+zero-copy, as nginx does). On top of it this module adds what a public-facing
+mirror needs and aiohttp leaves to the application:
+
+* a bound on open connections (beyond it a connection gets a ``503`` and is
+  closed at once);
+* a header timeout: aiohttp's keep-alive timer, armed at connect and after
+  each response, closes a connection that has not delivered a complete
+  request in ``header_timeout`` seconds (slowloris);
+* header size limits (``max_field_size``, ``max_headers``);
+* graceful shutdown: stop listening, let running responses finish for up to
+  ``shutdown_timeout`` seconds, then cancel what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import signal
+import threading
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from ..store import Store
+from .app import ServeApp
+from .config import ServeConfig
+from .metrics import Metrics
+
+log = logging.getLogger("pixicache.serve")
+
+_BUSY_BODY = b"too many connections; retry later\n"
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
+
+
+class _LimitedServer(web.Server):
+    """aiohttp's low-level server with a bound on open connections."""
+
+    def __init__(
+        self, handler: Any, *, max_connections: int, metrics: Metrics, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self._metrics = metrics
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        n = len(self.connections)
+        if n > self.max_connections:
+            self._metrics.refused.labels("connections").inc()
+            transport.write(_BUSY)
+            # closed on the next loop turn: aiohttp's handler must start before it sees the loss
+            asyncio.get_running_loop().call_soon(transport.close)
+        self._metrics.connections.set(n)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._metrics.connections.set(len(self.connections))
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class ServeServer:
+    """One server on the running event loop: :meth:`start`, then :meth:`stop`."""
+
+    def __init__(self, config: ServeConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.app = ServeApp(config, store)
+        self._runner: web.ServerRunner | None = None
+        self.port = 0
+        self.url = ""
+
+    async def start(self) -> str:
+        """Bind and serve; returns the base URL (``http://host:port``)."""
+        cfg = self.config
+        await self.app.startup()
+        server = _LimitedServer(
+            self.app.handle,
+            max_connections=cfg.max_connections,
+            metrics=self.app.metrics,
+            keepalive_timeout=cfg.header_timeout,
+            max_field_size=cfg.max_header_size,
+            max_headers=100,
+            access_log=None,
+            handler_cancellation=False,
+        )
+        self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_timeout)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            await self.app.shutdown()
+            raise
+        self.port = int(self._runner.addresses[0][1])
+        self.url = f"http://{_url_host(cfg.host)}:{self.port}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Refuse new connections, finish running responses (up to the shutdown timeout)."""
+        self.app.draining = True
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.app.shutdown()
+
+
+class ServeHandle:
+    """A server running on a background thread; a context manager.
+
+    Attributes:
+        url: ``http://127.0.0.1:PORT``.
+        port: the bound port.
+        app: the :class:`~pixicache.serve.app.ServeApp` (metrics, store, fills).
+    """
+
+    def __init__(
+        self, server: ServeServer, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+    ) -> None:
+        self._server = server
+        self._loop = loop
+        self._thread = thread
+        self.url = server.url
+        self.port = server.port
+        self.app = server.app
+        self.config = server.config
+
+    def call(self, coro: Any, timeout: float | None = 60) -> Any:
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Block until no upstream download is in progress (every fill committed or failed)."""
+        self.call(self.app.fills.wait_idle(), timeout)
+
+    def stop(self, timeout: float | None = 60) -> None:
+        """Graceful stop (as on SIGTERM); idempotent."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            self.call(self._server.stop(), timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ServeHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_background(
+    config: ServeConfig, store: Store | None = None, *, timeout: float = 30
+) -> ServeHandle:
+    """Start a server on its own thread and event loop; returns once it listens.
+
+    Example::
+
+        cfg = ServeConfig(cache_dir=tmp / "store", port=0,
+                          upstreams=[Upstream.make("conda-forge", upstream.channel_url())])
+        with start_background(cfg) as srv:
+            httpx.get(srv.url + "/conda-forge/linux-64/x-1-0.conda")
+
+    Raises whatever binding or opening the store raised.
+    """
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            server = ServeServer(config, store)
+            loop.run_until_complete(server.start())
+        except BaseException as exc:
+            box["error"] = exc
+            started.set()
+            loop.close()
+            return
+        box["server"], box["loop"] = server, loop
+        started.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    thread = threading.Thread(target=run, name="pixicache-serve", daemon=True)
+    thread.start()
+    if not started.wait(timeout):
+        raise TimeoutError(f"the server did not start within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return ServeHandle(box["server"], box["loop"], thread)
+
+
+def run_server(config: ServeConfig) -> None:
+    """Serve in the foreground until SIGTERM/SIGINT, then shut down gracefully."""
+
+    async def main() -> None:
+        server = ServeServer(config)
+        await server.start()
+        names = ", ".join(f"{u.name}={u.url}" for u in config.upstreams)
+        log.info(
+            "listening on %s (store %s; upstreams %s)", server.url, server.app.store.root, names
+        )
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info(
+            "stopping: no new connections; finishing running responses (up to %g s)",
+            config.shutdown_timeout,
+        )
+        await server.stop()
+        log.info("stopped")
+
+    asyncio.run(main())
