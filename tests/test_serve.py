@@ -650,3 +650,23 @@ def test_rattler_installs_through_the_mirror_and_a_second_install_costs_upstream
         assert (prefix2 / "bin" / "hello").exists()
         metrics = httpx.get(srv.url + "/metrics").text
         assert f'pixicache_serve_cache_total{{result="hit"}} {float(n)}' in metrics
+
+
+def test_the_mirror_serves_the_single_file_agent_with_its_digest_as_etag(tmp_path):
+    import hashlib
+
+    import httpx
+
+    from pixicache.serve import ServeConfig, start_background
+
+    agent = tmp_path / "pixicache.pyz"
+    agent.write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    cfg = ServeConfig(cache_dir=tmp_path / "store", port=0, upstreams=[], agent_file=agent)
+    with start_background(cfg) as srv:
+        r = httpx.get(f"{srv.url}/agent/pixicache.pyz")
+        assert r.status_code == 200 and r.content == agent.read_bytes()
+        assert r.headers["etag"] == f'"{hashlib.sha256(agent.read_bytes()).hexdigest()}"'
+        assert httpx.get(f"{srv.url}/agent/other.pyz").status_code == 404
+    cfg = ServeConfig(cache_dir=tmp_path / "store", port=0, upstreams=[])
+    with start_background(cfg) as srv:
+        assert httpx.get(f"{srv.url}/agent/pixicache.pyz").status_code == 404

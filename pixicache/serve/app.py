@@ -40,7 +40,7 @@ from aiohttp import web
 from .. import __version__
 from ..artifact import CONDA_EXTENSIONS, Artifact, is_sha256
 from ..locking import FileLock, LockTimeout
-from ..store import Store
+from ..store import Store, hash_file
 from .config import ServeConfig
 from .fill import USER_AGENT, Fill, FillFailed, FillManager
 from .http import (
@@ -120,6 +120,7 @@ class ServeApp:
         self.store_blobs = 0
         self._per_client: dict[str, int] = {}
         self._url_index: dict[str, str] = {}
+        self._agent_digest: tuple[tuple[int, int], str] | None = None
         self._touches: dict[str, tuple[int, str | None]] = {}
         self._background: list[asyncio.Task[None]] = []
         self._gc_task: asyncio.Future[dict[str, int]] | None = None
@@ -307,6 +308,9 @@ class ServeApp:
             return web.Response(
                 body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
             )
+        if head == "agent" and len(segments) == 2:
+            ctx.route = "agent"
+            return await self._agent_route(request, ctx, segments[1])
         if head == "sha256":
             ctx.route = "sha256"
             return await self._digest_route(request, ctx, segments, query)
@@ -691,6 +695,31 @@ class ServeApp:
             "also: /sha256/<hex>?url=<upstream URL>, /pixi/<version>/<archive>, /healthz, /metrics",
         ]
         return web.Response(text="\n".join(lines) + "\n")
+
+    async def _agent_route(self, request: web.BaseRequest, ctx: _Ctx, name: str) -> web.StreamResponse:
+        """The single-file agent (``--agent FILE``): what ``bootstrap.sh`` downloads.
+
+        Its ETag is its SHA-256, which jobs check against the digest pinned in
+        the submit file (``PIXICACHE_AGENT_SHA256``).
+        """
+        agent = self.config.agent_file
+        if agent is None or name != agent.name:
+            raise HTTPProblem(404, "no agent is served here (start the mirror with --agent FILE)")
+        try:
+            fobj = open(agent, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise HTTPProblem(404, f"the agent file cannot be read: {exc.strerror}") from None
+        with fobj:
+            st = os.fstat(fobj.fileno())
+            key = (st.st_size, st.st_mtime_ns)
+            if self._agent_digest is None or self._agent_digest[0] != key:
+                loop = asyncio.get_running_loop()
+                digest = await loop.run_in_executor(None, hash_file, str(agent))
+                self._agent_digest = (key, digest)
+            etag = f'"{self._agent_digest[1]}"'
+            return await self._send_file(
+                request, ctx, fobj, st.st_size, st.st_mtime, etag=etag, cache_control="public, max-age=60"
+            )
 
     def _health(self) -> web.Response:
         body = {

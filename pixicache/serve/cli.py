@@ -83,6 +83,13 @@ def setup_logging(quiet: bool = False) -> None:
     help="Concurrent requests per client address (256; 0: no cap).",
 )
 @click.option("--quiet", is_flag=True, help="Do not log one line per request.")
+@click.option(
+    "--agent",
+    "agent_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Serve this single-file agent (pixicache bundle) at /agent/<file name> for bootstrap.sh.",
+)
 @click.pass_context
 def serve_command(
     ctx: click.Context,
@@ -97,6 +104,7 @@ def serve_command(
     max_connections: int | None,
     per_client: int | None,
     quiet: bool,
+    agent_file: Path | None,
 ) -> None:
     """Run a pull-through, content-addressed conda mirror (node cache or site mirror).
 
@@ -126,6 +134,7 @@ def serve_command(
             max_connections=max_connections,
             per_client=per_client,
             log_requests=False if quiet else None,
+            agent_file=agent_file.absolute() if agent_file else None,
         )
         if chosen_dir is not None:
             config.cache_dir = Path(chosen_dir).expanduser()

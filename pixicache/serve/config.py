@@ -144,6 +144,8 @@ class ServeConfig:
         max_path: longest request target accepted (longer: 414).
         max_header_size: longest request header line accepted (longer: 400).
         log_requests: log one line per request on ``pixicache.serve.access``.
+        agent_file: a single-file agent (``pixicache bundle``) served at
+            ``/agent/<its file name>``, where ``bootstrap.sh`` fetches it from.
         trust_env: honour ``HTTP(S)_PROXY``/``NO_PROXY`` for upstream requests.
     """
 
@@ -166,6 +168,7 @@ class ServeConfig:
     max_header_size: int = 8190
     log_requests: bool = True
     trust_env: bool = True
+    agent_file: Path | None = None
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()
