@@ -277,6 +277,20 @@ def cache_gc(ctx: click.Context, max_size: str) -> None:
     )
 
 
+@cache.command("clear")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@cache_dir_option
+@click.pass_context
+@handle_errors
+def cache_clear(ctx: click.Context, yes: bool) -> None:
+    """Delete the whole store (blobs, partial downloads, package cache, index)."""
+    store = open_store(settings_from(ctx))
+    if not yes:
+        click.confirm(f"delete everything under {store.root}?", abort=True, err=True)
+    store.clear()
+    click.echo(f"removed {store.root}")
+
+
 # -- demo ------------------------------------------------------------------
 @main.command()
 @click.option("--keep", type=click.Path(file_okay=False, path_type=Path), default=None, help="Work in this directory and keep it.")

@@ -437,10 +437,8 @@ class Store:
         """Re-hash every blob; move bad ones to ``quarantine/`` and forget them."""
         report = VerifyReport()
         for sha, path, st in list(self.iter_blobs()):
-            try:
-                lock = FileLock(self.lock_dir / f"{sha}.lock", timeout=0, mode=self._lock_mode)
-                lock.acquire()
-            except LockTimeout:
+            lock = self._lock_if_idle(sha)
+            if lock is None:
                 continue  # being written or used right now: not ours to judge
             try:
                 actual = hash_file(path)
@@ -459,12 +457,17 @@ class Store:
         conn.execute("DELETE FROM blobs WHERE sha256=?", (sha256,))
         conn.execute("DELETE FROM urls WHERE sha256=?", (sha256,))
 
+    def _lock_if_idle(self, sha256: str) -> FileLock | None:
+        """The artifact's exclusive lock if nobody writes or uses it now, else ``None``."""
+        try:
+            return self.lock(sha256, timeout=0).acquire()
+        except LockTimeout:
+            return None
+
     def remove(self, sha256: str) -> bool:
         """Delete one blob unless it is in use; True if it was removed."""
-        try:
-            lock = FileLock(self.lock_dir / f"{sha256}.lock", timeout=0, mode=self._lock_mode)
-            lock.acquire()
-        except LockTimeout:
+        lock = self._lock_if_idle(sha256)
+        if lock is None:
             return False
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -496,20 +499,6 @@ class Store:
                 report.kept_in_use += 1
         report.size_after = total
         return report
-
-    def remove_partial(self, sha256: str) -> bool:
-        """Delete an interrupted download unless a writer holds it."""
-        try:
-            lock = FileLock(self.lock_dir / f"{sha256}.lock", timeout=0, mode=self._lock_mode)
-            lock.acquire()
-        except LockTimeout:
-            return False
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                (self.partial_dir / f"{sha256}.part").unlink()
-            return True
-        finally:
-            lock.release()
 
     def clear(self) -> None:
         """Delete everything (used by tests and ``cache clear``)."""
