@@ -145,7 +145,8 @@ def run_command(
     """Install the environment, then run TASK of the manifest with ARGS.
 
     Exits with the task's exit code. SIGTERM, SIGINT and SIGHUP are forwarded
-    to the task's process group (HTCondor sends SIGTERM on eviction).
+    to the task's process group (HTCondor sends SIGTERM on eviction). A first
+    ``--`` after TASK is dropped (``pixicache run train -- --epochs 5``).
     """
     from .agent import main_run
     from .errors import PixicacheError
@@ -160,7 +161,7 @@ def run_command(
         main_run(
             manifest,
             task,
-            list(args),
+            list(args[1:] if args[:1] == ("--",) else args),
             environment=environment,
             report=report,
             settings=settings,

@@ -273,7 +273,9 @@ class RunReport:
             )
         inst = d["installer"]
         if inst:
-            state = "" if "changed" not in inst else (" changed" if inst["changed"] else " no-op")
+            state = "" if "changed" not in inst else (
+                "; the prefix was updated" if inst["changed"] else "; the prefix was already up to date"
+            )
             lines.append(f"  installer: {inst['reason']}{state}")
         if d["pixi"]:
             lines.append(f"  pixi: {d['pixi']['version']} sha256 {d['pixi']['sha256']}")
