@@ -1,0 +1,244 @@
+"""The simulated HTCondor pool (benchmarks/pool.py, issue 6) at 0.01 scale, and each fault.
+
+Every job runs the real ``bootstrap.sh`` in its own sandbox with the single-file
+agent, against real ``pixicache serve`` processes and a counting upstream serving
+real conda packages (the size-faithful synthetic GPU environment at 1% size,
+~36 MB, plus the ``pool-task`` package). Pools are small (2-3 nodes x 2 slots,
+4-8 jobs) so the file runs in a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCALE = 0.01
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _load_pool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "pixicache_pool_bench", REPO / "benchmarks" / "pool.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+pool = _load_pool()
+
+pytest.importorskip("rattler", reason="the jobs install with py-rattler")
+pytest.importorskip("aiohttp", reason="the mirrors are `pixicache serve` (the serve extra)")
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The agent as one file, built once (offline, from this interpreter's packages)."""
+    from pixicache.bundle import build_bundle
+
+    out = tmp_path_factory.mktemp("pool-bundle") / "pixicache.pyz"
+    return build_bundle(out, source="installed", compresslevel=1).path
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory: pytest.TempPathFactory):
+    """The upstream's files, shared by every pool of this module (read-only)."""
+    return pool.prepare_workload(tmp_path_factory.mktemp("pool-upstream"), SCALE)
+
+
+def run(tmp_path: Path, agent: Path, workload, **kw):
+    cfg = pool.PoolConfig(
+        workdir=tmp_path / "pool", bundle=agent, verbose=False, scale=SCALE, job_timeout=240, **kw
+    )
+    return pool.run_pool(cfg, workload=workload)
+
+
+def failed_checks(result) -> list[str]:
+    return [f"{name}: {detail}" for name, ok, detail in result.checks if not ok]
+
+
+def explain(runs) -> str:
+    return "\n\n".join(r.explain() for r in runs if r.rc != 0)
+
+
+def node_blobs(tmp_path: Path, node: int) -> int:
+    return len(pool._blobs(tmp_path / "pool" / "nodes" / f"node{node:02d}" / "store"))
+
+
+# -- the CI pool: 3 nodes x 2 slots x 8 jobs, one fault (evict) -------------------------------
+
+
+@pytest.mark.slow
+def test_pool_shares_every_byte_and_survives_an_eviction(
+    agent: Path, workload, tmp_path: Path
+) -> None:
+    result = run(
+        tmp_path, agent, workload, nodes=3, slots=2, jobs=8,
+        phases=("cold", "warm-mirror", "warm-nodes"), faults=("evict",),
+    )  # fmt: skip
+    n = len(workload.packages)
+    env = workload.env_bytes
+    cold, warm_mirror, warm_nodes = (
+        result.phases[p] for p in ("cold", "warm-mirror", "warm-nodes")
+    )
+
+    # cold: conda-forge sends each distinct artifact exactly once (1x the environment)
+    assert cold.upstream_requests == {p: 1 for p in workload.paths}
+    assert cold.upstream_bytes == env == cold.upstream_via_mirror
+    # every job exits 0; the evicted run stopped with SIGTERM's code and was re-run
+    evicted = [r for r in cold.runs if r.evicted]
+    assert len(evicted) == 1 and evicted[0].rc == 128 + signal.SIGTERM, explain(cold.runs)
+    assert "stopped by SIGTERM" in evicted[0].stderr_tail
+    assert [r.attempt for r in cold.runs if r.job == evicted[0].job] == [1, 2]
+    for phase in (cold, warm_mirror, warm_nodes):
+        assert all(r.rc == 0 for r in phase.runs if not r.evicted), explain(phase.runs)
+        assert {r.job for r in phase.runs if r.rc == 0} == set(range(8))
+        assert all(r.time_to_task is not None for r in phase.runs if r.rc == 0)
+    # each node store is filled once: n blobs, never an artifact fetched twice into a node
+    # (n fills over all its jobs; in the cold phase the evicted run's fills are not reported)
+    assert cold.node_blobs == warm_mirror.node_blobs == {0: n, 1: n, 2: n}
+    assert all(fills <= n for fills, _ in cold.per_node(3))
+    assert [fills for fills, _ in warm_mirror.per_node(3)] == [n, n, n]
+    for node in range(3):
+        assert node_blobs(tmp_path, node) == n
+        store = tmp_path / "pool" / "nodes" / f"node{node:02d}" / "store"
+        assert not any((store / "partial").iterdir()), "a partial download was left behind"
+    # the site mirror sent each artifact once per node; a warm mirror costs upstream nothing
+    assert cold.mirror_bytes == pytest.approx(3 * env, rel=0.1)
+    assert warm_mirror.upstream_bytes == 0 and warm_mirror.upstream_requests == {}
+    assert warm_mirror.mirror_bytes == pytest.approx(3 * env, rel=0.02)
+    # warm nodes: nothing moves
+    assert all(r.fills == 0 and r.tier("store") == n for r in warm_nodes.runs)
+    assert warm_nodes.upstream_bytes == 0 and warm_nodes.mirror_bytes < 0.01 * env
+    assert not failed_checks(result), failed_checks(result)
+    text = pool.markdown_report(result)
+    assert "| cold | 9 | 8 | 1.00x |" in text
+
+
+# -- each fault ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_site_mirror_killed_mid_fill_resumes_and_no_job_fails(
+    agent: Path, workload, tmp_path: Path
+) -> None:
+    result = run(
+        tmp_path, agent, workload, nodes=2, slots=2, jobs=4, phases=("cold",),
+        faults=("mirror-restart",),
+    )  # fmt: skip
+    cold = result.phases["cold"]
+    assert any("SIGKILLed mid-fill" in note for note in cold.notes), cold.notes
+    assert all(r.rc == 0 for r in cold.runs), explain(cold.runs)
+    assert set(cold.upstream_requests) == set(workload.paths)
+    # the restarted mirror resumed what it had on disk with Range requests
+    assert any("range bytes=" in r for r in cold.upstream_repeats), cold.upstream_repeats
+    # only the bytes in flight at the kill were sent twice (explained by the check)
+    assert not failed_checks(result), failed_checks(result)
+    n = len(workload.packages)
+    assert node_blobs(tmp_path, 0) == node_blobs(tmp_path, 1) == n
+
+
+@pytest.mark.slow
+def test_upstream_down_after_the_mirror_is_warm(agent: Path, workload, tmp_path: Path) -> None:
+    result = run(
+        tmp_path, agent, workload, nodes=2, slots=2, jobs=4,
+        phases=("cold", "warm-mirror"), faults=("upstream-down",),
+    )  # fmt: skip
+    warm = result.phases["warm-mirror"]
+    n = len(workload.packages)
+    assert all(r.rc == 0 for r in warm.runs), explain(warm.runs)
+    assert all(r.tier("upstream") == 0 for r in warm.runs)
+    assert [warm.per_node(2)[i][0] for i in (0, 1)] == [n, n]  # new nodes, all from the mirror
+    assert warm.upstream_requests == {}
+    assert not failed_checks(result), failed_checks(result)
+
+
+@pytest.mark.slow
+def test_corrupt_blob_in_a_node_store_is_never_installed(
+    agent: Path, workload, tmp_path: Path
+) -> None:
+    result = run(
+        tmp_path, agent, workload, nodes=2, slots=2, jobs=4,
+        phases=("cold", "warm-nodes"), faults=("corrupt-node-blob",),
+    )  # fmt: skip
+    warm = result.phases["warm-nodes"]
+    _, name, _, _ = workload.largest()
+    on_bad_node = [r for r in warm.runs if r.node == 0]
+    assert on_bad_node
+    for r in on_bad_node:
+        # never installed from the corrupt blob: the job fails clearly, or it got good bytes
+        assert r.checks.get("package_intact") is not False, r.explain()
+        if r.rc != 0:
+            assert r.error is not None and name in r.error["message"], r.explain()
+            assert (
+                "checksum" in r.error["message"].lower() or "sha-256" in r.error["message"].lower()
+            )
+            assert "pixicache failed" in r.stderr_tail
+    assert all(r.rc == 0 for r in warm.runs if r.node == 1), explain(warm.runs)
+    # `pixicache cache verify` quarantines the blob; then the node works again, and the
+    # one artifact comes from the mirror
+    recovery = result.phases["corrupt-recovery"].runs
+    assert [r.rc for r in recovery] == [0], explain(recovery)
+    assert recovery[0].tier("mirror") == 1
+    assert not failed_checks(result), failed_checks(result)
+
+
+@pytest.mark.slow
+def test_full_mirror_disk_jobs_fall_through_to_upstream(
+    agent: Path, workload, tmp_path: Path
+) -> None:
+    result = run(
+        tmp_path, agent, workload, nodes=2, slots=2, jobs=4, phases=("cold",),
+        faults=("mirror-disk-full",),
+    )  # fmt: skip
+    cold = result.phases["cold"]
+    env = workload.env_bytes
+    assert all(r.rc == 0 for r in cold.runs), explain(cold.runs)
+    direct = cold.upstream_bytes - cold.upstream_via_mirror
+    assert direct > 0 and any(r.tier("upstream") > 0 for r in cold.runs)
+    # what the mirror could store it fetched once; jobs fetched the rest per node
+    assert cold.upstream_via_mirror <= env
+    assert cold.upstream_bytes <= env + 2 * env
+    log = (tmp_path / "pool" / "site-mirror" / "serve.log").read_text()
+    if result.mirror_disk == "tmpfs":  # a real ENOSPC: misses answered 507
+        assert "store is full" in log
+    assert not failed_checks(result), failed_checks(result)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (shutil.which("squid") or os.path.exists("/usr/sbin/squid")),
+    reason="squid is not installed (Debian: apt-get install squid)",
+)
+def test_squid_in_front_of_the_mirror_caches_archives(
+    agent: Path, workload, tmp_path: Path
+) -> None:
+    result = run(
+        tmp_path, agent, workload, nodes=2, slots=2, jobs=4,
+        phases=("cold", "warm-mirror"), squid=True,
+    )  # fmt: skip
+    cold, warm = result.phases["cold"], result.phases["warm-mirror"]
+    env, n = workload.env_bytes, len(workload.packages)
+    for phase in (cold, warm):
+        assert all(r.rc == 0 for r in phase.runs), explain(phase.runs)
+        # every archive still verified: the agent commits only matching digests
+        assert [phase.per_node(2)[i][0] for i in (0, 1)] == [n, n]
+    assert cold.upstream_bytes == env
+    # the mirror sees each artifact once although two nodes fetched everything
+    assert sum(cold.mirror_requests.values()) == n, cold.mirror_requests
+    assert cold.mirror_bytes == pytest.approx(env, rel=0.02)
+    # new nodes: every archive is a squid hit, the mirror sends nothing
+    assert sum(v for k, v in warm.squid.items() if "HIT" in k) == 2 * n, warm.squid
+    assert sum(warm.mirror_requests.values()) == 0 and warm.mirror_bytes < 0.01 * env
+    assert not failed_checks(result), failed_checks(result)
