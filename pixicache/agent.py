@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from .errors import FetchError, IntegrityError, LockError, PixicacheError
+from .errors import FetchError, InstallError, IntegrityError, LockError, PixicacheError
 from .installers.base import InstallRequest, InstallResult
 from .manifest import DEFAULT_ENVIRONMENT, Manifest
 from .report import RunReport
@@ -299,7 +299,24 @@ def install(
                 rep.record_store_hits(artifacts)
 
     with rep.phase("install"):
-        result = inst.install(request)
+        try:
+            result = inst.install(request)
+        except InstallError as exc:
+            # A blob that rotted in the node store (size intact, bytes not) is
+            # caught by the installer's own digest check: re-hash what the lock
+            # uses, quarantine what is bad, fetch it again and retry once.
+            bad = store.verify(a.sha256 for a in artifacts).bad
+            if not bad:
+                raise
+            for sha, why in bad:
+                rep.note(f"node store blob {sha} was corrupt ({why}): quarantined and fetched again")
+            from .fetch import Fetcher
+
+            refetch = Fetcher(store, srcs.get(), jobs=settings.jobs).fetch(artifacts)
+            rep.record_fetch(refetch)
+            if not refetch.ok:
+                raise _fetch_error(refetch) from exc
+            result = inst.install(request)
     rep.record_installer(inst.name, reason, result)
     return InstallOutcome(
         manifest=m,

@@ -433,10 +433,19 @@ class Store:
         urls = self._db().execute("SELECT COUNT(*) FROM urls").fetchone()[0]
         return StoreInfo(self.root, blobs, total, len(parts), sum(parts), quarantined, urls)
 
-    def verify(self, *, progress: object = None) -> VerifyReport:
-        """Re-hash every blob; move bad ones to ``quarantine/`` and forget them."""
+    def verify(self, digests: Iterable[str] | None = None) -> VerifyReport:
+        """Re-hash every blob (or those of ``digests``); move bad ones to
+        ``quarantine/`` and forget them."""
         report = VerifyReport()
-        for sha, path, st in list(self.iter_blobs()):
+        if digests is None:
+            blobs = list(self.iter_blobs())
+        else:
+            blobs = []
+            for sha in set(digests):
+                path = self.path_for(sha)
+                with contextlib.suppress(FileNotFoundError):
+                    blobs.append((sha, path, path.stat()))
+        for sha, path, st in blobs:
             lock = self._lock_if_idle(sha)
             if lock is None:
                 continue  # being written or used right now: not ours to judge

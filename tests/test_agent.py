@@ -290,3 +290,29 @@ def test_agent_failures_have_their_documented_exit_codes(tmp_path, demo_lock, de
     proc = _agent(ws, store, "install", source=source)
     assert proc.returncode == 5, proc.stderr
     assert _report(ws)["error"]["type"] == "InstallError"
+
+
+def test_a_rotted_node_store_blob_is_quarantined_and_fetched_again(tmp_path, demo_lock, demo_upstream):
+    import shutil
+
+    from pixicache.lockfile import Lock
+    from pixicache.store import Store
+
+    store_dir = tmp_path / "node-store"
+    first = _workspace(tmp_path / "job1", demo_lock)
+    assert _agent(first, store_dir, "install", source=f"mirror={demo_upstream.url}").returncode == 0
+    store = Store(store_dir)
+    victim = max(Lock.load(demo_lock).artifacts(), key=lambda a: a.size or 0)
+    blob = store.path_for(victim.sha256)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: a presence check cannot tell
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))
+    shutil.rmtree(store_dir / "pkgs")  # no extracted copy to fall back on
+    demo_upstream.reset_log()
+    second = _workspace(tmp_path / "job2", demo_lock)
+    proc = _agent(second, store_dir, "run", "hello", source=f"mirror={demo_upstream.url}")
+    assert proc.returncode == 0, proc.stderr
+    assert any("corrupt" in n and victim.sha256 in n for n in _report(second)["notes"])
+    assert [r.path for r in demo_upstream.requests if r.path.endswith(victim.filename)]
+    assert len(list(store.quarantine_dir.iterdir())) == 1
