@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .cli_common import cache_dir_option, jobs_option, settings_from, source_option
+from .cli_common import cache_dir_option, handle_errors, jobs_option, settings_from, source_option
 from .report import REPORT_NAME, RunReport
 
 __all__ = ["install_command", "run_command"]
@@ -82,6 +82,7 @@ def _common(func: F) -> F:
 @click.command("install")
 @_common
 @click.pass_context
+@handle_errors
 def install_command(
     ctx: click.Context,
     manifest: Path,
@@ -97,14 +98,9 @@ def install_command(
 ) -> None:
     """Install an environment of the lock beside the manifest: plan, fetch, install."""
     from .agent import main_install
-    from .errors import PixicacheError
 
     report = RunReport("install", report_path)
-    try:
-        settings = settings_from(ctx, sources, jobs)
-    except PixicacheError as exc:
-        click.echo(f"pixicache: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    settings = settings_from(ctx, sources, jobs)  # a bad setting: handle_errors exits 9
     sys.exit(
         main_install(
             manifest,
@@ -127,6 +123,7 @@ def install_command(
 @click.argument("task")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
+@handle_errors
 def run_command(
     ctx: click.Context,
     manifest: Path,
@@ -149,14 +146,9 @@ def run_command(
     ``--`` after TASK is dropped (``pixicache run train -- --epochs 5``).
     """
     from .agent import main_run
-    from .errors import PixicacheError
 
     report = RunReport("run", report_path)
-    try:
-        settings = settings_from(ctx, sources, jobs)
-    except PixicacheError as exc:
-        click.echo(f"pixicache: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    settings = settings_from(ctx, sources, jobs)  # a bad setting: handle_errors exits 9
     sys.exit(
         main_run(
             manifest,
