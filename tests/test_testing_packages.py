@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import rattler  # noqa: F401  (a test dependency: fail loudly if missing)
 import zstandard
 
 from pixicache.testing import (
@@ -34,8 +35,6 @@ from pixicache.testing import (
     make_package_workload,
 )
 from pixicache.testing.channel import BINARY_BLOB, BINARY_SUFFIX
-
-pytest.importorskip("rattler")
 
 UPSTREAM = "https://conda.anaconda.org/conda-forge"
 

@@ -6,11 +6,10 @@ import json
 
 import pytest
 
+from pixicache import serve
 from pixicache.testing import UpstreamServer
 
 from .helpers import run_pixicache
-
-serve = pytest.importorskip("pixicache.serve", reason="the serve extra (aiohttp) is part of the test extra")
 
 
 @pytest.fixture
