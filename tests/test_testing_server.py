@@ -221,6 +221,7 @@ def test_fault_arguments_are_checked(srv):
 def test_log_counters_and_reset(srv, client):
     client.get(srv.url + SMALL_PATH, headers={"X-Expected-Sha256": "ab" * 32})
     client.get(srv.url + BIG_PATH, headers={"Range": "bytes=0-99"})
+    assert srv.wait_idle()  # the handler finishes its record after the client has the body
     recs = srv.requests
     assert [(r.method, r.path, r.status) for r in recs] == [
         ("GET", SMALL_PATH, 200),
