@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch comes with the train extra (scripts/test.sh installs it)")
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "train_mnist.py"
