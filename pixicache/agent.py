@@ -45,10 +45,16 @@ from .manifest import DEFAULT_ENVIRONMENT, Manifest
 from .report import RunReport
 
 if TYPE_CHECKING:
+    from .artifact import Artifact
     from .config import Settings
     from .fetch import FetchReport
     from .lockfile import Lock
     from .sources.base import Source
+    from .store import Store
+
+#: How long a failed install waits for a neighbour to stop reading a blob
+#: before it re-hashes it (the store view pins a blob only while sending it).
+_VERIFY_WAIT_S = 30.0
 
 __all__ = [
     "AgentInterrupted",
@@ -298,24 +304,30 @@ def install(
                 store.touch(artifacts)
                 rep.record_store_hits(artifacts)
 
+    before = _blob_identities(store, artifacts)
     with rep.phase("install"):
         try:
             result = inst.install(request)
         except InstallError as exc:
             # A blob that rotted in the node store (size intact, bytes not) is
             # caught by the installer's own digest check: re-hash what the lock
-            # uses, quarantine what is bad, fetch it again and retry once.
-            bad = store.verify(a.sha256 for a in artifacts).bad
-            if not bad:
-                raise
+            # uses, quarantine what is bad, fetch what is missing and retry once.
+            # A job beside this one may have got there first (quarantined the
+            # blob, or already replaced it): retry as well when any blob changed
+            # under us; the store's artifact locks keep it one download per node.
+            bad = store.verify((a.sha256 for a in artifacts), wait=_VERIFY_WAIT_S).bad
             for sha, why in bad:
                 rep.note(f"node store blob {sha} was corrupt ({why}): quarantined and fetched again")
-            from .fetch import Fetcher
+            if [a for a in artifacts if not store.has(a.sha256, a.size)]:
+                from .fetch import Fetcher
 
-            refetch = Fetcher(store, srcs.get(), jobs=settings.jobs).fetch(artifacts)
-            rep.record_fetch(refetch)
-            if not refetch.ok:
-                raise _fetch_error(refetch) from exc
+                refetch = Fetcher(store, srcs.get(), jobs=settings.jobs).fetch(artifacts)
+                rep.record_fetch(refetch)
+                if not refetch.ok:
+                    raise _fetch_error(refetch) from exc
+            if _blob_identities(store, artifacts) == before:
+                raise  # not the store's doing: retrying would fail the same way
+            rep.note("the install is retried once, with blobs fetched again")
             result = inst.install(request)
     rep.record_installer(inst.name, reason, result)
     return InstallOutcome(
@@ -330,6 +342,22 @@ def install(
         pixi=verified,
         fetch=fetch_report,
     )
+
+
+def _blob_identities(
+    store: Store, artifacts: Sequence[Artifact]
+) -> dict[str, tuple[int, int] | None]:
+    """Inode and mtime of each artifact's blob (``None`` if absent): a blob that
+    was quarantined or replaced shows up as a changed identity."""
+    ids: dict[str, tuple[int, int] | None] = {}
+    for a in artifacts:
+        try:
+            st = store.path_for(a.sha256).stat()
+        except FileNotFoundError:
+            ids[a.sha256] = None
+        else:
+            ids[a.sha256] = (st.st_ino, st.st_mtime_ns)
+    return ids
 
 
 def run(

@@ -203,7 +203,7 @@ def _summary(report: object) -> None:
 
 
 def _package_requests(server: object) -> int:
-    return sum(1 for r in server.requests if r.path.endswith((".conda", ".tar.bz2")))  # type: ignore[attr-defined]
+    return sum(1 for r in server.requests if r.path.endswith((".conda", ".tar.bz2")))  # type: ignore[attr-defined,misc]
 
 
 def _package_bytes(server: object) -> int:

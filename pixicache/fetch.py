@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,8 +30,8 @@ import httpx
 from .artifact import Artifact
 from .config import DEFAULT_JOBS
 from .errors import FetchError, IntegrityError, PixicacheError, SourceUnavailable, StoreFull
-from .sources.base import FetchContext, Source
 from .locking import LockTimeout
+from .sources.base import FetchContext, Source
 from .store import BlobWriter, Store
 
 READ_SIZE = 1 << 20

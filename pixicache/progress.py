@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from .fetch import FetchReport, FetchResult
+    from .fetch import FetchReport, FetchResult, ProgressSink
 
 
 def human_bytes(n: float) -> str:
@@ -150,7 +150,7 @@ class RichProgress(_Counter):
         self._progress.stop()
 
 
-def make_progress(mode: str = "auto", stream: TextIO | None = None, label: str = "fetch") -> _Counter | None:
+def make_progress(mode: str = "auto", stream: TextIO | None = None, label: str = "fetch") -> ProgressSink | None:
     """``mode``: ``auto`` (bar on a terminal, else log lines), ``bar``, ``log``, ``none``."""
     stream = stream or sys.stderr
     if mode == "none":

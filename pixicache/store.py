@@ -433,9 +433,13 @@ class Store:
         urls = self._db().execute("SELECT COUNT(*) FROM urls").fetchone()[0]
         return StoreInfo(self.root, blobs, total, len(parts), sum(parts), quarantined, urls)
 
-    def verify(self, digests: Iterable[str] | None = None) -> VerifyReport:
+    def verify(self, digests: Iterable[str] | None = None, *, wait: float = 0) -> VerifyReport:
         """Re-hash every blob (or those of ``digests``); move bad ones to
-        ``quarantine/`` and forget them."""
+        ``quarantine/`` and forget them.
+
+        A blob that is being written or read is skipped, unless ``wait`` > 0:
+        then verify waits up to that many seconds for it to become idle.
+        """
         report = VerifyReport()
         if digests is None:
             blobs = list(self.iter_blobs())
@@ -446,7 +450,7 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     blobs.append((sha, path, path.stat()))
         for sha, path, st in blobs:
-            lock = self._lock_if_idle(sha)
+            lock = self._lock_if_idle(sha, wait)
             if lock is None:
                 continue  # being written or used right now: not ours to judge
             try:
@@ -466,10 +470,11 @@ class Store:
         conn.execute("DELETE FROM blobs WHERE sha256=?", (sha256,))
         conn.execute("DELETE FROM urls WHERE sha256=?", (sha256,))
 
-    def _lock_if_idle(self, sha256: str) -> FileLock | None:
-        """The artifact's exclusive lock if nobody writes or uses it now, else ``None``."""
+    def _lock_if_idle(self, sha256: str, wait: float = 0) -> FileLock | None:
+        """The artifact's exclusive lock if nobody writes or uses it (within
+        ``wait`` seconds), else ``None``."""
         try:
-            return self.lock(sha256, timeout=0).acquire()
+            return self.lock(sha256, timeout=wait).acquire()
         except LockTimeout:
             return None
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from pixicache.testing import UpstreamServer, build_demo_channel, make_blob_workload

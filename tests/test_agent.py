@@ -316,3 +316,52 @@ def test_a_rotted_node_store_blob_is_quarantined_and_fetched_again(tmp_path, dem
     assert any("corrupt" in n and victim.sha256 in n for n in _report(second)["notes"])
     assert [r.path for r in demo_upstream.requests if r.path.endswith(victim.filename)]
     assert len(list(store.quarantine_dir.iterdir())) == 1
+
+
+def test_a_blob_a_neighbour_quarantined_mid_install_is_fetched_again(
+    tmp_path, demo_lock, demo_upstream, monkeypatch
+):
+    """Job A quarantines a rotted blob while job B installs: B's install sees the
+    blob vanish; B fetches it again (once) and retries instead of failing."""
+    import pixicache.installers.auto as auto
+    from pixicache import agent
+    from pixicache.config import resolve_settings
+    from pixicache.lockfile import Lock
+    from pixicache.store import Store
+
+    store_dir = tmp_path / "node-store"
+    source = f"mirror={demo_upstream.url}"
+    first = _workspace(tmp_path / "job1", demo_lock)
+    assert _agent(first, store_dir, "install", source=source).returncode == 0
+    store = Store(store_dir)
+    victim = max(Lock.load(demo_lock).artifacts(), key=lambda a: a.size or 0)
+    shutil.rmtree(store_dir / "pkgs")  # no extracted copy to fall back on
+    real_choose = auto.choose_installer
+    calls: list[bool] = []
+
+    class NeighbourQuarantines:
+        """The real installer; before its first install a 'neighbour' moves the blob away."""
+
+        def __init__(self, inner):
+            self.inner, self.name = inner, inner.name
+
+        def install(self, request):
+            if not calls:
+                blob = store.path_for(victim.sha256)
+                os.replace(blob, store.quarantine_dir / f"{victim.sha256}.neighbour")
+            calls.append(True)
+            return self.inner.install(request)
+
+    def choose(request, name="auto"):
+        inst, reason = real_choose(request, "rattler")
+        return NeighbourQuarantines(inst), reason
+
+    monkeypatch.setattr(auto, "choose_installer", choose)
+    demo_upstream.reset_log()
+    second = _workspace(tmp_path / "job2", demo_lock)
+    settings = resolve_settings(cache_dir=store_dir, sources=[source])
+    outcome = agent.install(second / "pixi.toml", settings=settings, preflight=False)
+    assert len(calls) == 2  # failed once, retried once
+    assert outcome.prefix.is_dir() and store.has(victim.sha256, victim.size)
+    fetched = [r.path for r in demo_upstream.requests if r.path.endswith(victim.filename)]
+    assert len(fetched) == 1
