@@ -78,12 +78,17 @@ class SourceUnavailable(FetchError):
     """One source could not deliver an artifact (404, refused, timed out...).
 
     Raised by sources; the chain catches it and tries the next source.
-    ``transient`` says whether retrying the same source may help.
+    ``transient`` says whether retrying the same source may help;
+    ``retry_after`` is how long the source asked to be left alone (seconds,
+    from an HTTP ``Retry-After``), if it said.
     """
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(
+        self, message: str, *, transient: bool = False, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.transient = transient
+        self.retry_after = retry_after
 
 
 class IntegrityError(FetchError):

@@ -176,7 +176,10 @@ class Fetcher:
         sources: tried in order for each artifact not already in the store.
         jobs: artifacts fetched in parallel.
         retries: extra attempts per source for transient failures.
-        backoff: first retry delay in seconds (doubles each time, capped at 8 s).
+        backoff: first retry delay in seconds (doubles each time, capped at 8 s);
+            a source's ``Retry-After`` lengthens a delay, never shortens it.
+        max_retry_after: a source that asks to wait longer than this (seconds)
+            is not waited for: the next source is tried at once.
         client: an httpx client to use (one is made and closed otherwise).
         progress: receives progress events.
         sleep: the function used to wait between retries (tests pass a fake).
@@ -190,6 +193,7 @@ class Fetcher:
         jobs: int = DEFAULT_JOBS,
         retries: int = 3,
         backoff: float = 0.25,
+        max_retry_after: float = 30.0,
         client: httpx.Client | None = None,
         progress: ProgressSink | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -199,6 +203,7 @@ class Fetcher:
         self.jobs = max(1, jobs)
         self.retries = max(0, retries)
         self.backoff = backoff
+        self.max_retry_after = max_retry_after
         self._client = client
         self.progress: ProgressSink = progress or _NullProgress()
         self.sleep = sleep
@@ -370,15 +375,19 @@ class Fetcher:
                 result.attempts.append(f"{source.label}: {exc}")
                 return False
             except SourceUnavailable as exc:
-                if not exc.transient or attempt == self.retries:
+                asked = exc.retry_after
+                too_long = asked is not None and asked > self.max_retry_after
+                if not exc.transient or attempt == self.retries or too_long:
                     note = "" if not exc.transient else f" (after {attempt + 1} attempts)"
+                    if too_long:
+                        note = f" (more than the {self.max_retry_after:g} s a fetch waits)"
                     result.attempts.append(f"{source.label}: {exc}{note}")
                     if _unreachable(exc):
                         with self._dead_lock:
                             self._dead.setdefault(id(source), str(exc))
                     return False
                 attempt += 1
-                self.sleep(delay)
+                self.sleep(max(delay, asked or 0.0))
                 delay = min(delay * 2, 8.0)
 
 

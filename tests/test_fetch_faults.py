@@ -179,3 +179,43 @@ class _Truncating(httpx.SyncByteStream):
     def __iter__(self):
         yield self.data[: self.cut]
         raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+
+@respx.mock
+def test_a_busy_mirror_is_waited_for_as_long_as_it_asks(store, data):
+    """429/503 with Retry-After: the fetcher waits what the mirror asks (not its own
+    shorter backoff) and stays with the mirror instead of going upstream."""
+    art = artifact_for(data, UP)
+    m = respx.get(MIRROR_URL)
+    m.side_effect = [
+        httpx.Response(429, headers={"retry-after": "4"}),
+        httpx.Response(503, headers={"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}),  # past
+        httpx.Response(200, content=data),
+    ]
+    up = respx.get(UP).respond(200, content=data)
+    f = fetcher(store, MirrorSource(MIRROR), UpstreamSource(), backoff=0.5)
+    (r,) = f.fetch([art]).results
+    assert r.ok and r.tier == "mirror" and up.call_count == 0
+    assert f.sleeps == [4.0, 1.0]
+
+
+@respx.mock
+def test_a_mirror_asking_for_too_long_a_pause_is_skipped(store, data):
+    art = artifact_for(data, UP)
+    respx.get(MIRROR_URL).respond(503, headers={"retry-after": "3600"})
+    respx.get(UP).respond(200, content=data)
+    f = fetcher(store, MirrorSource(MIRROR), UpstreamSource(), max_retry_after=30)
+    (r,) = f.fetch([art]).results
+    assert r.ok and r.tier == "upstream" and f.sleeps == []
+    assert "3600" in r.attempts[0] and "30 s" in r.attempts[0]
+
+
+@respx.mock
+def test_a_mirror_with_a_full_disk_is_passed_at_once(store, data):
+    art = artifact_for(data, UP)
+    m = respx.get(MIRROR_URL).respond(507)
+    respx.get(UP).respond(200, content=data)
+    f = fetcher(store, MirrorSource(MIRROR), UpstreamSource())
+    (r,) = f.fetch([art]).results
+    assert r.ok and r.tier == "upstream" and m.call_count == 1 and f.sleeps == []
+    assert "HTTP 507" in r.attempts[0]

@@ -158,6 +158,6 @@ def test_locks_exclude_other_processes_and_are_dropped_when_the_holder_dies(tmp_
 
 def test_shared_locks_coexist_but_exclude_a_writer(tmp_path):
     p = tmp_path / "y.lock"
-    with FileLock(p, shared=True), FileLock(p, shared=True, timeout=0):
+    with FileLock(p, shared=True), FileLock(p, shared=True, timeout=0):  # noqa: SIM117
         with pytest.raises(LockTimeout):
             FileLock(p, timeout=0).acquire()

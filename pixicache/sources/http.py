@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import errno
 import socket
 from typing import TYPE_CHECKING, ClassVar
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
     from ..store import BlobWriter
     from .base import FetchContext
 
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504, 507})
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""Statuses worth another try of the same source (after a pause). 507 (a
+mirror whose disk is full) is not among them: the next source is tried at once."""
 
 
 def describe_transport_error(url: str, exc: Exception) -> tuple[str, bool]:
@@ -96,7 +100,11 @@ def stream_http(
                 writer.restart()
                 raise SourceUnavailable(f"{url}: HTTP 416 for a resume", transient=True)
             if status in TRANSIENT_STATUS:
-                raise SourceUnavailable(f"{url}: HTTP {status}", transient=True)
+                wait = parse_retry_after(resp.headers.get("retry-after"))
+                note = f" (asks to retry after {wait:g} s)" if wait is not None else ""
+                raise SourceUnavailable(
+                    f"{url}: HTTP {status}{note}", transient=True, retry_after=wait
+                )
             if status == 206:
                 start = _content_range_start(resp.headers.get("content-range", ""))
                 if start != offset:
@@ -117,6 +125,23 @@ def stream_http(
         raise SourceUnavailable(reason, transient=transient) from exc
     except httpx.InvalidURL as exc:
         raise SourceUnavailable(f"invalid URL {url!r}: {exc}") from exc
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an
+    HTTP date), or ``None`` if absent or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _content_range_start(value: str) -> int | None:
