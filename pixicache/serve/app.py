@@ -39,6 +39,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..artifact import CONDA_EXTENSIONS, Artifact, is_sha256
+from ..httputil import http_date, parse_http_date, parse_range
 from ..locking import FileLock, LockTimeout
 from ..store import Store, hash_file
 from .config import ServeConfig
@@ -48,11 +49,8 @@ from .http import (
     HTTPProblem,
     abort,
     cork,
-    http_date,
     if_range_allows,
     not_modified,
-    parse_http_date,
-    parse_range,
     send_region,
     split_path,
     write_chunk,

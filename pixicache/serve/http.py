@@ -4,7 +4,7 @@
   refuses it (absolute URLs, ``..``/``%2e%2e``, backslashes, NULs, encoded
   slashes, double encoding, over-long targets). It works on the *raw* target:
   aiohttp's ``request.path`` is already normalised and would hide ``..``.
-* :func:`parse_range` reads a single ``bytes=`` range (multi-range requests
+* Range and dates are read by :mod:`pixicache.httputil` (multi-range requests
   are answered with the whole body, which RFC 9110 allows).
 * :func:`not_modified` / :func:`if_range_allows` evaluate the validators.
 * :func:`send_region` sends part of a file with ``loop.sendfile`` (zero-copy
@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import re
 import socket
 import sys
 from collections.abc import Awaitable, Mapping
-from typing import IO, Any, Union
+from typing import IO, Any
 from urllib.parse import unquote
 
 from aiohttp import web
+
+from ..httputil import parse_http_date
 
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.+\-!~=,@]+$")
 """What one decoded path segment may hold (conda file names, versions, hex digests)."""
@@ -85,58 +86,6 @@ def split_path(raw_target: str, max_len: int = 1024) -> tuple[list[str], str]:
             raise HTTPProblem(400, f"unexpected character in path segment {seg[:80]!r}")
         segments.append(seg)
     return segments, query
-
-
-Span = Union[tuple[int, int], str, None]
-
-
-def parse_range(header: str | None, size: int) -> Span:
-    """A single ``bytes=`` range → ``(first, last)`` (inclusive), ``"unsatisfiable"``,
-    or ``None`` to ignore the header (absent, malformed, other unit, several ranges).
-
-    >>> parse_range("bytes=0-9", 100), parse_range("bytes=-10", 100), parse_range("bytes=90-", 100)
-    ((0, 9), (90, 99), (90, 99))
-    >>> parse_range("bytes=100-", 100)
-    'unsatisfiable'
-    """
-    if not header:
-        return None
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, sep, last = spec.strip().partition("-")
-    if not sep:
-        return None
-    first, last = first.strip(), last.strip()
-    try:
-        if not first:
-            n = int(last)
-            if n <= 0 or size == 0:
-                return "unsatisfiable"
-            return max(0, size - n), size - 1
-        a = int(first)
-        b = int(last) if last else size - 1
-    except ValueError:
-        return None
-    if a < 0 or (last and b < a):
-        return None
-    if a >= size:
-        return "unsatisfiable"
-    return a, min(b, size - 1)
-
-
-def http_date(timestamp: float) -> str:
-    """An IMF-fixdate (``Last-Modified`` format)."""
-    return email.utils.formatdate(timestamp, usegmt=True)
-
-
-def parse_http_date(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
 
 
 def etag_matches(header: str | None, etag: str | None) -> bool:

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import errno
 import socket
 from typing import TYPE_CHECKING, ClassVar
@@ -22,6 +20,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ..errors import SourceUnavailable
+from ..httputil import parse_retry_after
 
 if TYPE_CHECKING:
     from ..artifact import Artifact
@@ -125,23 +124,6 @@ def stream_http(
         raise SourceUnavailable(reason, transient=transient) from exc
     except httpx.InvalidURL as exc:
         raise SourceUnavailable(f"invalid URL {url!r}: {exc}") from exc
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an
-    HTTP date), or ``None`` if absent or unreadable; never negative."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _content_range_start(value: str) -> int | None:

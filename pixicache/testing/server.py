@@ -69,6 +69,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
+from ..httputil import parse_range
+
 __all__ = ["FAULT_KINDS", "Fault", "RequestRecord", "UpstreamServer", "main"]
 
 FAULT_KINDS = ("status", "delay", "reset", "truncate", "wrong_bytes", "slow")
@@ -253,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         if_range = self.headers.get("If-Range")
         if if_range is not None and if_range not in (etag, last_modified):
             range_header = None
-        span = _parse_range(range_header, size) if range_header else None
+        span = parse_range(range_header, size) if range_header else None
         if span == "unsatisfiable":
             rec.status = 416
             self.send_response(416)
@@ -402,31 +404,6 @@ def _flip(data: bytes, offset: int, span: tuple[int, int]) -> bytes:
     for i in range(lo - offset, hi - offset):
         buf[i] ^= 0xFF
     return bytes(buf)
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int] | str | None:
-    """A single ``bytes=`` range as (first, last), ``"unsatisfiable"``, or None to ignore it."""
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, sep, last = spec.strip().partition("-")
-    if not sep:
-        return None
-    try:
-        if not first:
-            n = int(last)
-            if n <= 0 or size == 0:
-                return "unsatisfiable"
-            return max(0, size - n), size - 1
-        a = int(first)
-        b = int(last) if last else size - 1
-    except ValueError:
-        return None
-    if a < 0 or (b < a and last):
-        return None
-    if a >= size:
-        return "unsatisfiable"
-    return a, min(b, size - 1)
 
 
 def _content_type(path: str) -> str:

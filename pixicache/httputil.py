@@ -1,0 +1,84 @@
+"""HTTP header helpers shared by the mirror, the sources and the test server
+(RFC 9110); standard library only.
+
+* :func:`parse_range` reads a single ``bytes=`` range;
+* :func:`parse_retry_after` reads ``Retry-After`` (seconds or a date);
+* :func:`http_date` / :func:`parse_http_date` write and read IMF-fixdates.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+from typing import Union
+
+__all__ = ["Span", "http_date", "parse_http_date", "parse_range", "parse_retry_after"]
+
+
+Span = Union[tuple[int, int], str, None]
+
+
+def parse_range(header: str | None, size: int) -> Span:
+    """A single ``bytes=`` range → ``(first, last)`` (inclusive), ``"unsatisfiable"``,
+    or ``None`` to ignore the header (absent, malformed, other unit, several ranges).
+
+    >>> parse_range("bytes=0-9", 100), parse_range("bytes=-10", 100), parse_range("bytes=90-", 100)
+    ((0, 9), (90, 99), (90, 99))
+    >>> parse_range("bytes=100-", 100)
+    'unsatisfiable'
+    """
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, sep, last = spec.strip().partition("-")
+    if not sep:
+        return None
+    first, last = first.strip(), last.strip()
+    try:
+        if not first:
+            n = int(last)
+            if n <= 0 or size == 0:
+                return "unsatisfiable"
+            return max(0, size - n), size - 1
+        a = int(first)
+        b = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if a < 0 or (last and b < a):
+        return None
+    if a >= size:
+        return "unsatisfiable"
+    return a, min(b, size - 1)
+
+
+def http_date(timestamp: float) -> str:
+    """An IMF-fixdate (``Last-Modified`` format)."""
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def parse_http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an
+    HTTP date), or ``None`` if absent or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
