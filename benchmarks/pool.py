@@ -102,7 +102,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = REPO / "bootstrap.sh"
-JOB_PATH = "/usr/local/bin:/usr/bin:/bin"  # what a job gets: no virtualenv
 CHANNEL = "conda-forge"
 TEMPLATE_BASE = "https://conda.anaconda.org/conda-forge"  # in the cached lock template
 TASK = "ready"
@@ -125,20 +124,6 @@ platforms = ["linux-64"]
 
 [tasks]
 {TASK} = "{TASK_PACKAGE}"
-"""
-
-JOB_AD = """\
-ClusterId = {cluster}
-ProcId = {proc}
-Cmd = "bootstrap.sh"
-RequestCpus = 1
-RequestGpus = 0
-JobUniverse = 5
-"""
-MACHINE_AD = """\
-Machine = "{node}.pool.test"
-Arch = "X86_64"
-OpSys = "LINUX"
 """
 
 __all__ = [
@@ -225,20 +210,13 @@ def _blobs(store: Path) -> list[Path]:
 
 
 def job_python() -> tuple[str, bool]:
-    """The python3 a job uses: (path, whether bootstrap must be told via PIXICACHE_PYTHON).
+    """The python3 a job uses: (path, whether bootstrap must be told via PIXICACHE_PYTHON)."""
+    from pixicache.testing.condor import job_python as find
 
-    python3 on the job's PATH when it is >= 3.10 (rattler needs it), else this
-    interpreter's base (never a virtualenv's).
-    """
-    system = shutil.which("python3", path=JOB_PATH)
-    code = "import sys; print(int(sys.version_info >= (3, 10)))"
-    if system:
-        out = subprocess.run(
-            [system, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60
-        )
-        if out.stdout.strip() == "1":
-            return system, False
-    return getattr(sys, "_base_executable", None) or sys.executable, True
+    found = find((3, 10))  # rattler needs 3.10
+    if found is None:
+        raise SystemExit("pool.py: no python3 >= 3.10 outside a virtualenv to run the jobs with")
+    return found
 
 
 # -- the workload ----------------------------------------------------------------------------
@@ -974,6 +952,8 @@ class Pool:
 
     def make_sandbox(self, phase: str, job: int, attempt: int, node: int) -> Path:
         """A scratch dir holding only what the submit file transfers."""
+        from pixicache.testing.condor import write_ads
+
         sb = self.work / "execute" / f"node{node:02d}" / f"dir_{phase}_{job}_{attempt}"
         shutil.rmtree(sb, ignore_errors=True)
         sb.mkdir(parents=True)
@@ -981,32 +961,17 @@ class Pool:
         _link_or_copy(Path(self.bundle.path), sb / "pixicache.pyz")
         (sb / "pixi.toml").write_text(MANIFEST)
         shutil.copy2(self.lock, sb / "pixi.lock")
-        (sb / ".job.ad").write_text(JOB_AD.format(cluster=self._cluster, proc=job))
-        (sb / ".machine.ad").write_text(MACHINE_AD.format(node=f"node{node:02d}"))
+        write_ads(sb, cluster=self._cluster, proc=job, machine=f"node{node:02d}.pool.test")
         return sb
 
     def job_env(self, sb: Path, node: int, slot: int, phase: str) -> dict[str, str]:
         """The environment HTCondor's starter gives the job, plus the site's settings."""
+        from pixicache.testing.condor import starter_environment
+
         home = self.node_dir(node) / "home"
         home.mkdir(parents=True, exist_ok=True)
-        env = {
-            "PATH": JOB_PATH,
-            "HOME": str(home),
-            "_CONDOR_SCRATCH_DIR": str(sb),
-            "_CONDOR_SLOT": f"slot1_{slot + 1}",
-            "_CONDOR_JOB_AD": str(sb / ".job.ad"),
-            "_CONDOR_MACHINE_AD": str(sb / ".machine.ad"),
-            "_CONDOR_JOB_IWD": str(sb),
-            "_CONDOR_AssignedGPUs": "",
-            "CUDA_VISIBLE_DEVICES": "",
-            "BATCH_SYSTEM": "HTCondor",
-            "TMPDIR": str(sb),
-            "TEMP": str(sb),
-            "TMP": str(sb),
-            "PIXICACHE_TASK": TASK,
-        }
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = "1"
+        env = starter_environment(sb, home=home, slot=slot + 1)
+        env["PIXICACHE_TASK"] = TASK
         if phase == "baseline":
             # The seed's way: no mirror, no shared store; only the agent's unpacked
             # files are shared per node, so the baseline is not charged an unpack per job.

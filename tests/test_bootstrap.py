@@ -32,12 +32,13 @@ import pytest
 
 from pixicache.bundle import BundleInfo, _rattler_status, build_bundle
 from pixicache.testing import Channel, UpstreamServer, build_channel, demo_channel_specs
+from pixicache.testing.condor import JOB_PATH, starter_environment, write_ads
+from pixicache.testing.condor import job_python as find_job_python
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = REPO / "bootstrap.sh"
 TRAIN = REPO / "train_mnist.py"
 DATA = REPO / "data" / "MNIST_data.tar.gz"
-JOB_PATH = "/usr/local/bin:/usr/bin:/bin"  # what a job gets: no virtualenv, no pyenv
 TRAIN_ARGS = (
     "--device cpu --epochs 1 --max-steps 5 --batch-size 64 --train-limit 512 --num-threads 1"
 )
@@ -74,21 +75,6 @@ while True:
     signal.pause()
 """
 
-JOB_AD = """\
-ClusterId = 4242
-ProcId = {proc}
-Cmd = "bootstrap.sh"
-RequestCpus = 1
-RequestGpus = 0
-JobUniverse = 5
-"""
-MACHINE_AD = """\
-Machine = "sandbox-test-node"
-Arch = "X86_64"
-OpSys = "LINUX"
-"""
-
-
 # -- fixtures ------------------------------------------------------------------------------
 
 
@@ -103,18 +89,6 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
     return info
 
 
-def _python_version(exe: str) -> tuple[int, int] | None:
-    try:
-        out = subprocess.run(
-            [exe, "-I", "-S", "-c", "import sys; print(*sys.version_info[:2])"],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    major, minor = out.split()
-    return int(major), int(minor)
-
-
 @dataclass
 class JobPython:
     path: str
@@ -125,13 +99,10 @@ class JobPython:
 def job_python(bundle: BundleInfo) -> JobPython:
     """The system python a job would use: python3 on the job's PATH if it is new enough
     for the bundle, else this virtualenv's base interpreter (never the venv itself)."""
-    need = tuple(int(v) for v in bundle.min_python.split("."))
-    system = shutil.which("python3", path=JOB_PATH)
-    if system and (_python_version(system) or (0, 0)) >= need:
-        return JobPython(system, override=False)
-    base = getattr(sys, "_base_executable", None) or sys.executable
-    if (_python_version(base) or (0, 0)) >= need:
-        return JobPython(base, override=True)
+    major, minor = (int(v) for v in bundle.min_python.split(".")[:2])
+    found = find_job_python((major, minor))
+    if found is not None:
+        return JobPython(*found)
     pytest.fail(
         f"no interpreter >= {bundle.min_python} outside the virtualenv to run the bundle with"
     )
@@ -207,8 +178,7 @@ def make_sandbox(
     shutil.copy2(TRAIN, sb / "train_mnist.py")
     shutil.copy2(DATA, sb / DATA.name)  # transfer_input_files flattens data/MNIST_data.tar.gz
     (sb / "sigwait.py").write_text(SIGWAIT)
-    (sb / ".job.ad").write_text(JOB_AD.format(proc=proc))
-    (sb / ".machine.ad").write_text(MACHINE_AD)
+    write_ads(sb, cluster=4242, proc=proc, machine="sandbox-test-node")
     return sb
 
 
@@ -218,29 +188,8 @@ def job_env(
     """The environment HTCondor's starter gives the job (plus the submit file's)."""
     home = sb.parent / "home"
     home.mkdir(exist_ok=True)
-    env = {
-        "PATH": JOB_PATH,
-        "HOME": str(home),
-        "_CONDOR_SCRATCH_DIR": str(sb),
-        "_CONDOR_SLOT": "slot1_1",
-        "_CONDOR_JOB_AD": str(sb / ".job.ad"),
-        "_CONDOR_MACHINE_AD": str(sb / ".machine.ad"),
-        "_CONDOR_JOB_IWD": str(sb),
-        "_CONDOR_AssignedGPUs": "",
-        "CUDA_VISIBLE_DEVICES": "",
-        "BATCH_SYSTEM": "HTCondor",
-        "TMPDIR": str(sb),
-        "TEMP": str(sb),
-        "TMP": str(sb),
-        "PIXICACHE_CACHE_DIR": str(store),  # what a site sets for its nodes
-    }
-    for var in (
-        "OMP_NUM_THREADS",
-        "MKL_NUM_THREADS",
-        "OPENBLAS_NUM_THREADS",
-        "NUMEXPR_NUM_THREADS",
-    ):
-        env[var] = "1"  # HTCondor sets these to request_cpus
+    env = starter_environment(sb, home=home)
+    env["PIXICACHE_CACHE_DIR"] = str(store)  # what a site sets for its nodes
     if mirror is not None:  # as mnist_gpu.sub's `environment` does
         env["PIXICACHE_MIRROR"] = mirror
         env["PIXICACHE_SOURCES"] = f"mirror={mirror}"

@@ -14,6 +14,8 @@ Sites can use it in their own tests, as they would use respx or pytest-httpserve
   counting and fault injection.
 * :mod:`~pixicache.testing.workload`: size-faithful synthetic workloads of a
   real lock (random blobs, or installable packages).
+* :mod:`~pixicache.testing.condor`: an HTCondor job's sandbox environment and
+  ads, to run the real ``bootstrap.sh`` without a pool.
 """
 
 from __future__ import annotations
