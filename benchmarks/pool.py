@@ -490,7 +490,7 @@ def squid_config(
         f"coredump_dir {d}",
         "logfile_rotate 0",
         "shutdown_lifetime 1 seconds",
-        "forwarded_for delete",
+        "forwarded_for on",
     ]
     if user:
         lines.append(f"cache_effective_user {user}")

@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian tools some tests use (shellcheck for bootstrap.sh); skipped when present.
+# Debian tools some tests use (shellcheck for bootstrap.sh, squid for the pool
+# behind an HTTP cache); skipped when present.
 need=()
 command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+command -v squid >/dev/null 2>&1 || [ -x /usr/sbin/squid ] || need+=(squid)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

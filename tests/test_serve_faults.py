@@ -497,6 +497,42 @@ def test_connection_bound_and_per_client_cap(tmp_path, upstream, upstream_root):
             assert bytes(got) == data
 
 
+
+def test_behind_a_trusted_proxy_the_cap_counts_forwarded_clients(
+    tmp_path, upstream, upstream_root
+):
+    """A squid in front makes every request come from one address: with it trusted,
+    the cap applies per X-Forwarded-For client; an untrusted peer's header is ignored."""
+    data = os.urandom(400_000)
+    sha = put(upstream_root, PKG, data)
+    upstream.fault(UP_PATH, "slow", rate=1_000_000)
+    cfg = serve_config(tmp_path, upstream, per_client=1, trusted_proxies=["127.0.0.1"])
+    with start_background(cfg) as srv:
+        stranger = httpx.HTTPTransport(local_address="127.0.0.2")  # not a trusted proxy
+        with (
+            httpx.Client(timeout=30) as a,
+            httpx.Client(timeout=30) as b,
+            httpx.Client(timeout=30, transport=stranger) as c,
+        ):
+            digest = {"x-expected-sha256": sha}
+            job1 = {**digest, "X-Forwarded-For": "10.0.0.1"}
+            with a.stream("GET", f"{srv.url}/{PKG}", headers=job1) as first:
+                chunks = first.iter_raw()
+                got = bytearray(next(chunks))
+                # the same job behind the proxy: over its cap
+                again = b.get(f"{srv.url}/{PKG}", headers=job1)
+                assert again.status_code == 429 and "10.0.0.1" in again.text
+                # another job behind the same proxy: its own cap
+                other = b.get(f"{srv.url}/{PKG}", headers={**digest, "X-Forwarded-For": "10.0.0.2"})
+                assert other.status_code == 200 and other.content == data
+                # a forged header from an untrusted peer counts as that peer
+                forged = c.get(f"{srv.url}/{PKG}", headers=job1)
+                assert forged.status_code == 200 and forged.content == data
+                for chunk in chunks:
+                    got += chunk
+            assert bytes(got) == data
+
+
 # -- shutdown ------------------------------------------------------------------------------------
 
 

@@ -48,9 +48,11 @@ from .http import (
     IMMUTABLE,
     HTTPProblem,
     abort,
+    client_address,
     cork,
     if_range_allows,
     not_modified,
+    parse_networks,
     send_region,
     split_path,
     write_chunk,
@@ -117,6 +119,7 @@ class ServeApp:
         self.store_bytes = 0
         self.store_blobs = 0
         self._per_client: dict[str, int] = {}
+        self._trusted_proxies = parse_networks(config.trusted_proxies)
         self._url_index: dict[str, str] = {}
         self._agent_digest: tuple[tuple[int, int], str] | None = None
         self._touches: dict[str, tuple[int, str | None]] = {}
@@ -239,7 +242,9 @@ class ServeApp:
         """Answer one request; logs one line and updates the metrics."""
         t0 = time.monotonic()
         ctx = _Ctx()
-        client = request.remote or "?"
+        client = client_address(
+            request.remote, request.headers.get("X-Forwarded-For"), self._trusted_proxies
+        )
         status: int | str = 500
         cap = self.config.per_client
         counted = False

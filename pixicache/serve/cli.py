@@ -82,6 +82,14 @@ def setup_logging(quiet: bool = False) -> None:
     default=None,
     help="Concurrent requests per client address (256; 0: no cap).",
 )
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    metavar="ADDR[/BITS]",
+    help="An HTTP cache in front (squid, nginx): its requests count per X-Forwarded-For "
+    "client for --per-client and the log. Repeatable.",
+)
 @click.option("--quiet", is_flag=True, help="Do not log one line per request.")
 @click.option(
     "--agent",
@@ -103,6 +111,7 @@ def serve_command(
     repodata_ttl: float | None,
     max_connections: int | None,
     per_client: int | None,
+    trusted_proxies: tuple[str, ...],
     quiet: bool,
     agent_file: Path | None,
 ) -> None:
@@ -133,6 +142,7 @@ def serve_command(
             repodata_ttl=repodata_ttl,
             max_connections=max_connections,
             per_client=per_client,
+            trusted_proxies=list(trusted_proxies) or None,
             log_requests=False if quiet else None,
             agent_file=agent_file.absolute() if agent_file else None,
         )

@@ -13,6 +13,7 @@ level)::
     repodata_ttl = 60          # seconds repodata is served without revalidation
     max_connections = 2048
     per_client = 64            # concurrent requests per client address (0: no cap)
+    trusted_proxies = ["10.1.2.3", "192.168.7.0/24"]   # squid/nginx in front: cap per X-Forwarded-For
     token_file = "/etc/pixicache/token"   # or token = "..."
 
     [serve.upstreams]
@@ -31,6 +32,7 @@ automatically when pointed elsewhere.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -133,6 +135,10 @@ class ServeConfig:
         max_connections: open client connections beyond which new ones get a 503.
         per_client: concurrent requests per client address beyond which a 429
             is answered (0: no cap).
+        trusted_proxies: addresses or networks (``10.0.0.5``, ``10.0.0.0/8``) of
+            HTTP caches in front of the server: for a request from one of them
+            the client is the last untrusted address in ``X-Forwarded-For``
+            (for the per-client cap and the log), not the cache itself.
         header_timeout: seconds a connection may take to deliver a complete
             request (from connect, or from the end of the previous response).
         send_timeout: seconds a client may take to accept one chunk (4 MiB) of a
@@ -158,6 +164,7 @@ class ServeConfig:
     repodata_ttl: float = 60.0
     max_connections: int = 1024
     per_client: int = 256
+    trusted_proxies: list[str] = field(default_factory=list)
     header_timeout: float = 15.0
     send_timeout: float = 60.0
     upstream_connect_timeout: float = 10.0
@@ -183,6 +190,13 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.per_client < 0:
             raise ConfigError("per_client must be >= 0 (0: no cap)")
+        for net in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"trusted proxy {net!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+                ) from None
 
     def replace(self, **changes: Any) -> ServeConfig:
         """A copy with some fields changed (validated again)."""
@@ -256,6 +270,7 @@ def settings_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             "upstreams",
             "log_requests",
             "trust_env",
+            "trusted_proxies",
         }
     )
     unknown = sorted(k for k in table if k not in known and not isinstance(table[k], Mapping))
@@ -287,6 +302,11 @@ def settings_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ConfigError(f"{origin}: token_file: {exc}") from exc
     if "upstreams" in table:
         out["upstreams"] = _upstreams_from_table(table["upstreams"], origin)
+    if "trusted_proxies" in table:
+        nets = table["trusted_proxies"]
+        if not isinstance(nets, list) or not all(isinstance(n, str) for n in nets):
+            raise ConfigError(f"{origin}: trusted_proxies must be a list of addresses or networks")
+        out["trusted_proxies"] = list(nets)
     return out
 
 

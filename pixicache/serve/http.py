@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
 import socket
 import sys
-from collections.abc import Awaitable, Mapping
-from typing import IO, Any
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import IO, Any, Union
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -135,6 +136,46 @@ def cork(request: web.BaseRequest, on: bool) -> None:
     if sock is not None and hasattr(socket, "TCP_CORK"):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+
+
+Networks = Sequence[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]
+
+
+def parse_networks(specs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``10.0.0.5`` / ``10.0.0.0/8`` / ``::1`` strings as networks."""
+    return [ipaddress.ip_network(s, strict=False) for s in specs]
+
+
+def client_address(remote: str | None, forwarded_for: str | None, trusted: Networks) -> str:
+    """Who a request is really from.
+
+    ``remote`` (the peer address) unless it is a trusted proxy; then the
+    ``X-Forwarded-For`` list is read from the right (the hop nearest to this
+    server) and the first address that is not a trusted proxy is the client.
+    Forged entries to the left of it are never reached; a malformed entry
+    stops the walk at the last address that was trusted.
+    """
+    addr = remote or "?"
+    if not trusted or not forwarded_for or not _trusted(addr, trusted):
+        return addr
+    for hop in reversed(forwarded_for.split(",")):
+        hop = hop.strip()
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return addr
+        addr = hop
+        if not _trusted(hop, trusted):
+            return hop
+    return addr
+
+
+def _trusted(addr: str, trusted: Networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
 
 
 def abort(request: web.BaseRequest) -> None:
