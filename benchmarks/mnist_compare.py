@@ -15,12 +15,29 @@ import argparse
 import json
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def unpacked(data_dir: Path, work: Path) -> Path:
+    """``data_dir`` if it holds ``MNIST/raw``, else where the repo's
+    ``MNIST_data.tar.gz`` unpacks in ``work`` (as bootstrap.sh does in a job)."""
+    if (data_dir / "MNIST" / "raw").is_dir():
+        return data_dir
+    archive = data_dir / "MNIST_data.tar.gz"
+    if not archive.is_file():
+        raise SystemExit(f"mnist_compare: neither {data_dir}/MNIST/raw nor {archive} exists")
+    with tarfile.open(archive) as tar:
+        tar.extractall(work, filter="data")
+    for root in (work / "data", work):  # the repo's archive holds data/MNIST/raw/
+        if (root / "MNIST" / "raw").is_dir():
+            return root
+    raise SystemExit(f"mnist_compare: {archive} holds no MNIST/raw/ directory")
 
 
 def run(cmd: list[str], cwd: Path) -> float:
@@ -35,13 +52,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--data-dir", type=Path, default=ROOT / "data")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=ROOT / "data",
+        help="holds MNIST/raw/ or MNIST_data.tar.gz (unpacked into a scratch dir)",
+    )
     p.add_argument("--train-args", default="", help="extra arguments for train_mnist.py (quoted)")
     args = p.parse_args(argv)
     data_dir = args.data_dir.resolve()
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mnist-compare-") as tmp:
         work = Path(tmp)
+        data_dir = unpacked(data_dir, work)
         fast_json, base_json = work / "fast.json", work / "baseline.json"
         fast_cmd = [
             sys.executable,
