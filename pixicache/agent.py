@@ -318,7 +318,7 @@ def install(
             bad = store.verify((a.sha256 for a in artifacts), wait=_VERIFY_WAIT_S).bad
             for sha, why in bad:
                 rep.note(f"node store blob {sha} was corrupt ({why}): quarantined and fetched again")
-            if [a for a in artifacts if not store.has(a.sha256, a.size)]:
+            if not all(store.has(a.sha256, a.size) for a in artifacts):
                 from .fetch import Fetcher
 
                 refetch = Fetcher(store, srcs.get(), jobs=settings.jobs).fetch(artifacts)

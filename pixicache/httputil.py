@@ -1,7 +1,8 @@
 """HTTP header helpers shared by the mirror, the sources and the test server
 (RFC 9110); standard library only.
 
-* :func:`parse_range` reads a single ``bytes=`` range;
+* :func:`parse_range` reads a single ``bytes=`` range; :func:`content_range_start`
+  the first byte of a ``206``'s ``Content-Range``;
 * :func:`parse_retry_after` reads ``Retry-After`` (seconds or a date);
 * :func:`http_date` / :func:`parse_http_date` write and read IMF-fixdates.
 """
@@ -12,7 +13,14 @@ import datetime
 import email.utils
 from typing import Union
 
-__all__ = ["Span", "http_date", "parse_http_date", "parse_range", "parse_retry_after"]
+__all__ = [
+    "Span",
+    "content_range_start",
+    "http_date",
+    "parse_http_date",
+    "parse_range",
+    "parse_retry_after",
+]
 
 
 Span = Union[tuple[int, int], str, None]
@@ -51,6 +59,21 @@ def parse_range(header: str | None, size: int) -> Span:
     if a >= size:
         return "unsatisfiable"
     return a, min(b, size - 1)
+
+
+def content_range_start(value: str | None) -> int | None:
+    """The first byte of a ``Content-Range: bytes 100-199/200`` (``100``), or ``None``.
+
+    >>> content_range_start("bytes 100-199/200"), content_range_start("items 1-2/3")
+    (100, None)
+    """
+    unit, _, rest = (value or "").strip().partition(" ")
+    if unit.lower() != "bytes":
+        return None
+    try:
+        return int(rest.split("-", 1)[0])
+    except ValueError:
+        return None
 
 
 def http_date(timestamp: float) -> str:

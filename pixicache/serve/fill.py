@@ -36,6 +36,7 @@ from typing import IO, Any
 import aiohttp
 
 from ..errors import StoreError, StoreFull
+from ..httputil import content_range_start
 from ..locking import FileLock, LockTimeout
 from ..store import Store
 from .metrics import Metrics
@@ -481,7 +482,7 @@ class FillManager:
             await self._in_thread(writer.restart)
             return False
         if writer.offset and status == 206:
-            start = _content_range_start(resp.headers.get("Content-Range", ""))
+            start = content_range_start(resp.headers.get("Content-Range"))
             if start != writer.offset:
                 await self._in_thread(writer.restart)
                 return False
@@ -613,13 +614,3 @@ class FillManager:
                 raise outcome
         fill.offset = writer.offset
         fill._notify()
-
-
-def _content_range_start(value: str) -> int | None:
-    unit, _, rest = value.strip().partition(" ")
-    if unit.lower() != "bytes":
-        return None
-    try:
-        return int(rest.split("-", 1)[0])
-    except ValueError:
-        return None

@@ -156,26 +156,27 @@ def client_address(remote: str | None, forwarded_for: str | None, trusted: Netwo
     stops the walk at the last address that was trusted.
     """
     addr = remote or "?"
-    if not trusted or not forwarded_for or not _trusted(addr, trusted):
+    if not trusted or not forwarded_for or not _trusted(_ip(addr), trusted):
         return addr
     for hop in reversed(forwarded_for.split(",")):
-        hop = hop.strip()
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
+        ip = _ip(hop.strip())
+        if ip is None:
             return addr
-        addr = hop
-        if not _trusted(hop, trusted):
-            return hop
+        addr = str(ip)
+        if not _trusted(ip, trusted):
+            return addr
     return addr
 
 
-def _trusted(addr: str, trusted: Networks) -> bool:
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(addr)
+        return ipaddress.ip_address(text)
     except ValueError:
-        return False
-    return any(ip in net for net in trusted)
+        return None
+
+
+def _trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, trusted: Networks) -> bool:
+    return ip is not None and any(ip in net for net in trusted)
 
 
 def abort(request: web.BaseRequest) -> None:

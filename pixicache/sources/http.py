@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ..errors import SourceUnavailable
-from ..httputil import parse_retry_after
+from ..httputil import content_range_start, parse_retry_after
 
 if TYPE_CHECKING:
     from ..artifact import Artifact
@@ -105,7 +105,7 @@ def stream_http(
                     f"{url}: HTTP {status}{note}", transient=True, retry_after=wait
                 )
             if status == 206:
-                start = _content_range_start(resp.headers.get("content-range", ""))
+                start = content_range_start(resp.headers.get("content-range"))
                 if start != offset:
                     writer.restart()
                     raise SourceUnavailable(
@@ -124,17 +124,6 @@ def stream_http(
         raise SourceUnavailable(reason, transient=transient) from exc
     except httpx.InvalidURL as exc:
         raise SourceUnavailable(f"invalid URL {url!r}: {exc}") from exc
-
-
-def _content_range_start(value: str) -> int | None:
-    # "bytes 100-199/200"
-    try:
-        unit, _, rest = value.partition(" ")
-        if unit.strip().lower() != "bytes":
-            return None
-        return int(rest.split("-", 1)[0])
-    except ValueError:
-        return None
 
 
 def channel_path(artifact: Artifact) -> str | None:

@@ -255,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         if_range = self.headers.get("If-Range")
         if if_range is not None and if_range not in (etag, last_modified):
             range_header = None
-        span = parse_range(range_header, size) if range_header else None
+        span = parse_range(range_header, size)
         if span == "unsatisfiable":
             rec.status = 416
             self.send_response(416)
