@@ -699,6 +699,16 @@ class PhaseResult:
     def ttt(self) -> list[float]:
         return [r.time_to_task for r in self.runs if r.time_to_task is not None]
 
+    @property
+    def mirror_to_reported(self) -> int:
+        """Bytes the site mirror sent to runs that wrote a report (all but evicted ones).
+
+        ``mirror_bytes - mirror_to_reported`` is what an evicted run was sent: bytes it
+        kept (resumed by the next job on its node) and bytes in flight when it was
+        killed (socket buffers: at small scales, whole artifacts).
+        """
+        return sum(r.tier("mirror", "transferred") for r in self.runs if not r.evicted)
+
     def per_node(self, nodes: int) -> list[tuple[int, int]]:
         """(fills, store hits) per node, summed over the phase's runs."""
         out = [(0, 0)] * nodes
@@ -1533,6 +1543,17 @@ def _checks(pool: Pool, result: PoolResult, n: int) -> None:
             and len(rerun) == 1
             and rerun[0].rc == 0,
             "; ".join(f"attempt {r.attempt} exit {r.rc}" for r in cold.runs if r.job == 0),
+        )
+        # every node got the environment from the mirror once; on top of that, the
+        # mirror sent the evicted run at most one environment (kept or lost in flight)
+        to_evicted = cold.mirror_bytes - cold.mirror_to_reported
+        result.check(
+            "evict: the site mirror sent each node the environment once, plus the evicted run's share",
+            cold.mirror_to_reported <= cfg.nodes * env
+            and cfg.nodes * env <= cold.mirror_bytes
+            and to_evicted <= env,
+            f"to reported runs {cold.mirror_to_reported / env:.2f}x, "
+            f"to the evicted run {to_evicted / env:.2f}x the environment",
         )
     if cfg.squid and cold is not None:
         hits = sum(v for ph in result.phases.values() for k, v in ph.squid.items() if "HIT" in k)

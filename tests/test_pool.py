@@ -115,7 +115,11 @@ def test_pool_shares_every_byte_and_survives_an_eviction(
         store = tmp_path / "pool" / "nodes" / f"node{node:02d}" / "store"
         assert not any((store / "partial").iterdir()), "a partial download was left behind"
     # the site mirror sent each artifact once per node; a warm mirror costs upstream nothing
-    assert cold.mirror_bytes == pytest.approx(3 * env, rel=0.1)
+    # (the evicted run was sent bytes too: what it kept, resumed by the next job on its
+    # node, and what was in flight when it died; at 1% scale whole artifacts fit in the
+    # socket buffers, so that share is bounded by one environment, not by a ratio)
+    assert cold.mirror_to_reported <= 3 * env <= cold.mirror_bytes
+    assert cold.mirror_bytes - cold.mirror_to_reported <= env
     assert warm_mirror.upstream_bytes == 0 and warm_mirror.upstream_requests == {}
     assert warm_mirror.mirror_bytes == pytest.approx(3 * env, rel=0.02)
     # warm nodes: nothing moves
