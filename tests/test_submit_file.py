@@ -263,7 +263,7 @@ os._exit(0)
 def test_manifest_dependencies_are_satisfied_by_the_lock() -> None:
     """Each manifest dependency matches a locked record (the lock stays valid for it), on
     the manifest's platform and channel. py-rattler runs in a child (see rattler-notes)."""
-    pytest.importorskip("rattler")
+    pytest.importorskip("rattler", reason="py-rattler comes with the rattler extra")
     out = subprocess.run(
         [sys.executable, "-c", LOCK_CHECK, str(REPO / "pixi.toml"), str(REPO / "pixi.lock")],
         capture_output=True,
