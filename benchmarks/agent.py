@@ -56,7 +56,7 @@ noop = "true"
 
 _SHIM = (
     "from pixicache.cli import main\n"
-    "from pixicache.agent_cli import install_command, run_command\n"
+    "from pixicache.cli.agent import install_command, run_command\n"
     "main.commands.setdefault('install', install_command)\n"
     "main.commands.setdefault('run', run_command)\n"
     "main(prog_name='pixicache')\n"

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pixicache.lockfile import Lock
+from pixicache.model.lockfile import Lock
 from pixicache.testing import UpstreamServer, make_blob_workload
 
 
@@ -113,7 +113,7 @@ def main() -> int:
         base, server_name = builtin.url, "pixicache.testing.UpstreamServer"
 
     def url_of(a: object) -> str:
-        from pixicache.sources.http import channel_path
+        from pixicache.sources.paths import channel_path
 
         return f"{base}{channel_path(a)}/{a.subdir}/{a.filename}"  # type: ignore[attr-defined]
 

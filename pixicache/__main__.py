@@ -1,6 +1,6 @@
 """``python -m pixicache`` (and the single-file bundle) runs the CLI."""
 
-from .cli import main
+from pixicache.cli import main
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from pixicache.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

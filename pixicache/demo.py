@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from .progress import human_bytes
+from pixicache.progress import human_bytes
 
 
 def _step(n: int, title: str) -> None:
@@ -61,12 +61,12 @@ greet = {{ cmd = "hello", description = "run a program shipped by a conda packag
 
 def run_demo(keep: Path | None = None) -> int:
     """Run the demo; returns the exit code (0 when every step worked)."""
-    from .fetch import Fetcher
-    from .plan import make_plan
-    from .serve import ServeConfig, Upstream, start_background
-    from .sources import parse_sources
-    from .store import Store
-    from .testing import UpstreamServer, build_demo_channel, current_subdir
+    from pixicache.fetch import Fetcher
+    from pixicache.model.plan import make_plan
+    from pixicache.serve import ServeConfig, Upstream, start_background
+    from pixicache.sources import parse_sources
+    from pixicache.store import Store
+    from pixicache.testing import UpstreamServer, build_demo_channel, current_subdir
 
     failures: list[str] = []
     with _workdir(keep) as work:
@@ -196,7 +196,7 @@ def _cache_counts(mirror: object) -> dict[str, int]:
 
 
 def _summary(report: object) -> None:
-    from .cli_common import format_summary
+    from pixicache.cli.common import format_summary
 
     for line in format_summary(report).splitlines():
         _say(line)

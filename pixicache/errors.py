@@ -22,6 +22,8 @@ code  meaning
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class PixicacheError(Exception):
     """Base class of every error pixicache raises on purpose.
@@ -75,20 +77,33 @@ class FetchError(PixicacheError):
 
 
 class SourceUnavailable(FetchError):
-    """One source could not deliver an artifact (404, refused, timed out...).
+    """One source could not deliver an artifact this time (refused, timed out, 5xx...).
 
-    Raised by sources; the chain catches it and tries the next source.
-    ``transient`` says whether retrying the same source may help;
-    ``retry_after`` is how long the source asked to be left alone (seconds,
-    from an HTTP ``Retry-After``), if it said.
+    Raised by sources; the fetcher decides by type and attributes what to do:
+
+    * ``transient``: retrying the same source may help (timeouts, resets, 5xx);
+    * ``unreachable``: the source's host cannot be reached at all (it does not
+      resolve, refuses connections): it is not asked again in this run;
+    * ``retry_after``: how long the source asked to be left alone (seconds,
+      from an HTTP ``Retry-After``), if it said.
     """
 
     def __init__(
-        self, message: str, *, transient: bool = False, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        transient: bool = False,
+        unreachable: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.transient = transient
+        self.unreachable = unreachable
         self.retry_after = retry_after
+
+
+class SourceNotFound(SourceUnavailable):
+    """The source answered, and does not have the artifact (HTTP 404/410, no such file)."""
 
 
 class IntegrityError(FetchError):
@@ -113,9 +128,19 @@ class StoreFull(StoreError):
 
 
 class InstallError(PixicacheError):
-    """Installing the environment into its prefix failed."""
+    """Installing the environment into its prefix failed.
+
+    ``suspects`` holds the SHA-256 digests of the artifacts the installer found
+    bad (a digest mismatch, a blob it could not read): the agent re-verifies
+    exactly those in the node store before it retries, never the whole
+    environment.
+    """
 
     exit_code = 5
+
+    def __init__(self, message: str, *, suspects: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.suspects: tuple[str, ...] = tuple(suspects)
 
 
 class PreflightError(PixicacheError):
@@ -126,6 +151,18 @@ class PreflightError(PixicacheError):
 
 class PixiVerificationError(IntegrityError):
     """A Pixi binary or archive does not match any pinned SHA-256."""
+
+
+class PluginError(ConfigError):
+    """A plugin (entry point) cannot be loaded or used.
+
+    The message names the plugin, its entry-point group and the distribution
+    that provides it, so a site knows which package to fix or uninstall.
+    """
+
+
+class MissingExtra(UsageError):
+    """A command needs an optional part of pixicache that is not installed."""
 
 
 class TaskError(PixicacheError):

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from .fetch import FetchReport, FetchResult, ProgressSink
+    from pixicache.fetch.results import FetchReport, FetchResult, ProgressSink
 
 
 def human_bytes(n: float) -> str:

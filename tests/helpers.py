@@ -10,14 +10,14 @@ import sys
 import textwrap
 from pathlib import Path
 
-from pixicache.artifact import Artifact
+from pixicache.model.artifact import Artifact
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def artifact_for(data: bytes, url: str = "https://conda.anaconda.org/conda-forge/linux-64/pkg-1.0-0.conda") -> Artifact:
     """An Artifact pinning ``data`` at ``url``."""
-    from pixicache.artifact import conda_location
+    from pixicache.model.artifact import conda_location
 
     channel, subdir, filename = conda_location(url)
     return Artifact(

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 _SHIM = (
     "import sys\n"
     "from pixicache.cli import main\n"
-    "from pixicache.agent_cli import install_command, run_command\n"
+    "from pixicache.cli.agent import install_command, run_command\n"
     "main.commands.setdefault('install', install_command)\n"
     "main.commands.setdefault('run', run_command)\n"
     "main(prog_name='pixicache')\n"
@@ -295,7 +295,7 @@ def test_agent_failures_have_their_documented_exit_codes(tmp_path, demo_lock, de
 def test_a_rotted_node_store_blob_is_quarantined_and_fetched_again(tmp_path, demo_lock, demo_upstream):
     import shutil
 
-    from pixicache.lockfile import Lock
+    from pixicache.model.lockfile import Lock
     from pixicache.store import Store
 
     store_dir = tmp_path / "node-store"
@@ -323,10 +323,10 @@ def test_a_blob_a_neighbour_quarantined_mid_install_is_fetched_again(
 ):
     """Job A quarantines a rotted blob while job B installs: B's install sees the
     blob vanish; B fetches it again (once) and retries instead of failing."""
-    import pixicache.installers.auto as auto
+    import pixicache.installers.registry as auto
     from pixicache import agent
     from pixicache.config import resolve_settings
-    from pixicache.lockfile import Lock
+    from pixicache.model.lockfile import Lock
     from pixicache.store import Store
 
     store_dir = tmp_path / "node-store"
@@ -345,6 +345,9 @@ def test_a_blob_a_neighbour_quarantined_mid_install_is_fetched_again(
         def __init__(self, inner):
             self.inner, self.name = inner, inner.name
 
+        def up_to_date(self, request):
+            return self.inner.up_to_date(request)
+
         def install(self, request):
             if not calls:
                 blob = store.path_for(victim.sha256)
@@ -360,7 +363,8 @@ def test_a_blob_a_neighbour_quarantined_mid_install_is_fetched_again(
     demo_upstream.reset_log()
     second = _workspace(tmp_path / "job2", demo_lock)
     settings = resolve_settings(cache_dir=store_dir, sources=[source])
-    outcome = agent.install(second / "pixi.toml", settings=settings, preflight=False)
+    options = agent.AgentOptions(settings, preflight=False)
+    outcome = agent.install(second / "pixi.toml", options=options)
     assert len(calls) == 2  # failed once, retried once
     assert outcome.prefix.is_dir() and store.has(victim.sha256, victim.size)
     fetched = [r.path for r in demo_upstream.requests if r.path.endswith(victim.filename)]

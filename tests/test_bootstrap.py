@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from pixicache.bundle import BundleInfo, _rattler_status, build_bundle
+from pixicache.bundle.build import BundleInfo, build_bundle
+from pixicache.bundle.runtime import _rattler_status
 from pixicache.testing import Channel, UpstreamServer, build_channel, demo_channel_specs
 from pixicache.testing.condor import JOB_PATH, starter_environment, write_ads
 from pixicache.testing.condor import job_python as find_job_python
@@ -302,11 +303,11 @@ def test_bundle_holds_the_agent_and_nothing_else(bundle: BundleInfo) -> None:
     assert bundle.path.read_bytes().startswith(b"#!/usr/bin/env python3\n")
     assert {
         "__main__.py",
-        "site/pixicache/cli.py",
-        "site/pixicache/agent.py",
+        "site/pixicache/cli/__init__.py",
+        "site/pixicache/agent/pipeline.py",
         "site/httpx/__init__.py",
     } <= names
-    assert "site/pixicache/installers/_rattler_child.py" in names
+    assert "site/pixicache/backends/rattler/child.py" in names
     assert any(n.startswith("rattler/rattler/") and n.endswith(".so") for n in names)
     tops = {n.split("/")[1] for n in names if n.startswith("site/")}
     assert not tops & {"zstandard", "aiohttp", "pygments", "markdown_it", "torch", "_pytest"}, tops
@@ -351,7 +352,7 @@ def test_bundle_runs_isolated_with_no_site_packages(
         "sys_path"
     ]
     assert info["rattler"]["ok"], info["rattler"]["reason"]  # CPython >= 3.10 on linux x86_64
-    assert (home / "site" / "pixicache" / "installers" / "rattler" / "__init__.py").is_file()
+    assert (home / "site" / "pixicache" / "backends" / "rattler" / "rattler" / "__init__.py").is_file()
 
     # The agent's commands are there, and run from the unpacked files.
     for command in ("run", "install"):

@@ -1,4 +1,4 @@
-"""The lock model (pixicache.lockfile) and the lock renderer (pixicache.testing.locks).
+"""The lock model (pixicache.model.lockfile) and the lock renderer (pixicache.testing.locks).
 
 The central check: on every lock here (real, rattler-written, and rendered in
 each format version 4-7 from realistic package sets) pixicache reads exactly
@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from pixicache import lockfile
 from pixicache.errors import LockError
-from pixicache.lockfile import Lock, LockedPackage, load_lock
+from pixicache.model import lockfile
+from pixicache.model.lockfile import Lock, LockedPackage, load_lock
 from pixicache.testing.locks import LockPackage, render_lock, write_lock
 
 DATA = Path(__file__).resolve().parent / "data" / "locks"

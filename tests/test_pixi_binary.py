@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pixicache.errors import ConfigError, IntegrityError, PixiVerificationError
-from pixicache.pixi.binary import (
+from pixicache.backends.pixi.binary import (
     binary_path,
     find_pixi_on_path,
     known_binaries,
@@ -30,8 +29,9 @@ from pixicache.pixi.binary import (
     obtain_pixi,
     verify_pixi_executable,
 )
-from pixicache.pixi.cli import pixi_group
-from pixicache.pixi.pins import this_target
+from pixicache.backends.pixi.pins import this_target
+from pixicache.cli.pixi import pixi_group
+from pixicache.errors import ConfigError, IntegrityError, PixiVerificationError
 from pixicache.sources import parse_sources
 from pixicache.store import Store
 from pixicache.testing.server import UpstreamServer
@@ -291,7 +291,7 @@ def test_trust_pixi_accepts_an_unverified_binary_with_a_warning(tmp_path, caplog
     exe = tmp_path / "pixi"
     exe.write_bytes(standin_script("pixi 0.80.1"))
     exe.chmod(0o755)
-    with caplog.at_level(logging.WARNING, logger="pixicache.pixi"):
+    with caplog.at_level(logging.WARNING, logger="pixicache.backends.pixi"):
         v = verify_pixi_executable(exe, trust=True)
     assert (v.source, v.version, v.archive_sha256) == ("trusted", "0.80.1", None)
     assert any(

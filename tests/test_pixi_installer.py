@@ -17,20 +17,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pixicache.artifact import Artifact
+from pixicache.backends.pixi.binary import VerifiedPixi
+from pixicache.backends.pixi.commands import pixi_environment, pixi_install_argv, pixi_run_argv
 from pixicache.errors import InstallError
 from pixicache.installers.base import Installer, InstallRequest
-from pixicache.installers.pixi_installer import (
-    PixiInstaller,
-    mirror_config_toml,
-    pixi_environment,
-    pixi_install_argv,
-    pixi_run_argv,
-)
-from pixicache.lockfile import Lock
-from pixicache.pixi.binary import VerifiedPixi
+from pixicache.installers.pixi import PixiInstaller, mirror_config_toml
+from pixicache.model.artifact import Artifact
+from pixicache.model.lockfile import Lock
 from pixicache.store import Store
-from pixicache.store_view import StoreView, view_path
+from pixicache.store.view import StoreView, view_path
 from pixicache.testing.locks import LockPackage, write_lock
 
 CF = "https://conda.anaconda.org/conda-forge"

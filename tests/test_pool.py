@@ -1,4 +1,4 @@
-"""The simulated HTCondor pool (benchmarks/pool.py, issue 6) at 0.01 scale, and each fault.
+"""The simulated HTCondor pool (benchmarks/pool, issue 6) at 0.01 scale, and each fault.
 
 Every job runs the real ``bootstrap.sh`` in its own sandbox with the single-file
 agent, against real ``pixicache serve`` processes and a counting upstream serving
@@ -9,7 +9,7 @@ real conda packages (the size-faithful synthetic GPU environment at 1% size,
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import shutil
 import signal
@@ -26,14 +26,12 @@ pytestmark = pytest.mark.timeout(400)
 
 
 def _load_pool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "pixicache_pool_bench", REPO / "benchmarks" / "pool.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    """The simulator package ``benchmarks/pool`` (not installed: imported from its directory)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module("pool")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
 
 
 pool = _load_pool()
@@ -45,7 +43,7 @@ pytest.importorskip("aiohttp", reason="the mirrors are `pixicache serve` (the se
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The agent as one file, built once (offline, from this interpreter's packages)."""
-    from pixicache.bundle import build_bundle
+    from pixicache.bundle.build import build_bundle
 
     out = tmp_path_factory.mktemp("pool-bundle") / "pixicache.pyz"
     return build_bundle(out, source="installed", compresslevel=1).path

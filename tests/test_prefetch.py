@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pixicache.lockfile import Lock
+from pixicache.model.lockfile import Lock
 from pixicache.store import Store, hash_file
 
 from .helpers import REPO, run_pixicache

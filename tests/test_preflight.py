@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-import pixicache.preflight as pf
+import pixicache.agent.preflight as pf
+from pixicache.agent.preflight import detect_cuda_driver, preflight, system_requirements
 from pixicache.errors import LockError, PreflightError
-from pixicache.lockfile import Lock
-from pixicache.preflight import detect_cuda_driver, preflight, system_requirements
+from pixicache.model.lockfile import Lock
+from pixicache.model.manifest import Manifest
 from pixicache.sources import parse_sources
 from pixicache.store import Store
 from pixicache.testing.locks import LockPackage, write_lock
@@ -170,7 +171,7 @@ def test_manifest_system_requirements_of_the_environment_count(tmp_path, node, m
         '[feature.gpu.system-requirements]\ncuda = "12.9"\n'
         '[environments]\ngpu = ["gpu"]\n'
     )
-    reqs = {r.name: r for r in system_requirements(Lock.load(path), "gpu", "linux-64", manifest)}
+    reqs = {r.name: r for r in system_requirements(Lock.load(path), "gpu", "linux-64", Manifest.load(manifest))}
     assert reqs["__cuda"].minimum == "12.9"
     assert '[feature.gpu.system-requirements] cuda = "12.9"' in reqs["__cuda"].why
     assert reqs["__glibc"].minimum == "2.28"
@@ -184,7 +185,7 @@ def test_manifest_system_requirements_of_the_environment_count(tmp_path, node, m
             prefix=tmp_path / "p",
             store=Store(tmp_path / "s"),
             sources=[],
-            manifest=manifest,
+            manifest=Manifest.load(manifest),
         )
     text = str(err.value)
     assert "supports CUDA 12.4" in text and "needs 12.9" in text

@@ -17,10 +17,10 @@ import pytest
 
 from pixicache.errors import InstallError, UsageError
 from pixicache.fetch import Fetcher
-from pixicache.installers.auto import choose_installer, installer_plugins
 from pixicache.installers.base import Installer, InstallRequest
-from pixicache.installers.rattler_installer import RattlerInstaller, read_state
-from pixicache.lockfile import Lock
+from pixicache.installers.rattler import RattlerInstaller, read_state
+from pixicache.installers.registry import choose_installer, installer_plugins
+from pixicache.model.lockfile import Lock
 from pixicache.sources.local import LocalDirSource
 from pixicache.store import Store
 from pixicache.testing import PLACEHOLDER, build_channel, current_subdir, demo_channel_specs
@@ -99,8 +99,8 @@ def test_second_install_of_unchanged_lock_is_a_noop_in_milliseconds(
         raise AssertionError("a no-op install started a child process or a store view")
 
     # what makes it milliseconds: no py-rattler child, no store view, only stat calls
-    monkeypatch.setattr("pixicache.installers.rattler_installer.subprocess.run", forbidden)
-    monkeypatch.setattr("pixicache.installers.rattler_installer.StoreView.start", forbidden)
+    monkeypatch.setattr("pixicache.backends.rattler.process.subprocess.run", forbidden)
+    monkeypatch.setattr("pixicache.installers.rattler.StoreView.start", forbidden)
     again = RattlerInstaller().install(req)
     monkeypatch.undo()
     print(f"no-op install: {again.seconds * 1000:.2f} ms")  # benchmarks/agent.py measures it

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from pixicache.agent.runner import activation_script, exit_code_of, run_task
+from pixicache.backends.rattler.child import ACTIVATION_FILE, prefix_fingerprint
 from pixicache.errors import LockError, TaskError
-from pixicache.installers._rattler_child import ACTIVATION_FILE, prefix_fingerprint
-from pixicache.manifest import Manifest, Task, render_command
-from pixicache.runner import activation_script, exit_code_of, run_task
+from pixicache.model.manifest import Manifest, Task, render_command
 
 MANIFEST = """
 [workspace]
@@ -231,8 +231,8 @@ def test_exit_code_of_signal_deaths():
 
 DRIVER = """
 import sys
-from pixicache.manifest import Manifest
-from pixicache.runner import run_task
+from pixicache.model.manifest import Manifest
+from pixicache.agent.runner import run_task
 m = Manifest.load(sys.argv[1])
 out = run_task(m, sys.argv[2], [], prefix=sys.argv[3])
 print("FORWARDED", ",".join(out.forwarded), flush=True)

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from pixicache.errors import IntegrityError
-from pixicache.locking import FileLock, LockTimeout
 from pixicache.store import Store, hash_file
+from pixicache.store.locking import FileLock, LockTimeout
 
 from .helpers import artifact_for
 
@@ -135,7 +135,7 @@ def test_info_counts_blobs_and_partials(store):
 def test_locks_exclude_other_processes_and_are_dropped_when_the_holder_dies(tmp_path):
     lock_path = tmp_path / "x.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from pixicache.locking import FileLock; import sys, time\n"
+        [sys.executable, "-c", f"from pixicache.store.locking import FileLock; import sys, time\n"
          f"l = FileLock({str(lock_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )

@@ -1,5 +1,5 @@
 """Installers: plugins that turn a locked environment into a prefix."""
 
-from .base import Installer, InstallRequest, InstallResult
+from pixicache.installers.base import Installer, InstallRequest, InstallResult
 
 __all__ = ["InstallRequest", "InstallResult", "Installer"]

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from ..lockfile import Lock
-    from ..store import Store
+    from pixicache.model.lockfile import Lock
+    from pixicache.store import Store
 
 
 @dataclass
@@ -44,6 +44,17 @@ class InstallRequest:
     package_cache: Path
     pixi: Path | None = None
 
+    def channels(self) -> list[str]:
+        """Every conda channel the environment's packages come from (the lock's
+        channel list plus the channel of each artifact), in a stable order."""
+        seen: dict[str, None] = {}
+        for ch in self.lock.environment(self.environment).channels:
+            seen.setdefault(ch.rstrip("/"), None)
+        for a in self.lock.artifacts(self.environment, self.platform):
+            if a.kind == "conda" and a.channel:
+                seen.setdefault(a.channel.rstrip("/"), None)
+        return list(seen)
+
 
 @dataclass
 class InstallResult:
@@ -68,10 +79,17 @@ class Installer(Protocol):
         """Whether this installer can run here, and why (or why not)."""
         ...
 
+    def up_to_date(self, request: InstallRequest) -> bool:
+        """Whether :meth:`install` would change nothing: the prefix already holds
+        exactly the lock's environment. Cheap (no network, no hashing): the agent
+        asks before fetching, so a warm job fetches nothing at all."""
+        ...
+
     def install(self, request: InstallRequest) -> InstallResult:
         """Make ``request.prefix`` hold exactly the lock's environment.
 
         Raises:
-            InstallError: with a message a user can act on.
+            InstallError: with a message a user can act on; ``suspects`` names
+                the artifacts (by SHA-256) the installer found bad, if any.
         """
         ...

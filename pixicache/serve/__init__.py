@@ -25,7 +25,7 @@ Modules, one job each:
 * :mod:`~pixicache.serve.metrics`: Prometheus metrics;
 * :mod:`~pixicache.serve.app`: the routes;
 * :mod:`~pixicache.serve.runner`: foreground (SIGTERM) and background servers;
-* :mod:`~pixicache.serve.cli`: the ``serve`` click command.
+* :mod:`~pixicache.cli.serve`: the ``serve`` click command.
 
 Deployment: a systemd unit (SIGTERM drains running responses, then exits)::
 
@@ -62,11 +62,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .cli import serve_command
-from .config import ServeConfig, Upstream, load_config
+from pixicache.serve.config import ServeConfig, Upstream, load_config
 
 if TYPE_CHECKING:
-    from .runner import ServeHandle, ServeServer, run_server, start_background
+    from pixicache.serve.runner import ServeHandle, ServeServer, run_server, start_background
 
 _LAZY = frozenset({"ServeHandle", "ServeServer", "run_server", "start_background"})
 
@@ -75,7 +74,7 @@ def __getattr__(name: str) -> Any:
     # aiohttp (the optional ``serve`` extra) is imported only when a server is
     # started, so ``pixicache --help`` stays fast and works without it.
     if name in _LAZY:
-        from . import runner
+        from pixicache.serve import runner
 
         return getattr(runner, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -88,6 +87,5 @@ __all__ = [
     "Upstream",
     "load_config",
     "run_server",
-    "serve_command",
     "start_background",
 ]

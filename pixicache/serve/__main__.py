@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cli import serve_command
+from pixicache.cli.serve import serve_command
 
 if __name__ == "__main__":  # pragma: no cover
     serve_command(prog_name="pixicache serve")

@@ -37,14 +37,12 @@ from urllib.parse import parse_qs
 import aiohttp
 from aiohttp import web
 
-from .. import __version__
-from ..artifact import CONDA_EXTENSIONS, Artifact, is_sha256
-from ..httputil import http_date, parse_http_date, parse_range
-from ..locking import FileLock, LockTimeout
-from ..store import Store, hash_file
-from .config import ServeConfig
-from .fill import USER_AGENT, Fill, FillFailed, FillManager
-from .http import (
+from pixicache import __version__
+from pixicache.httputil import http_date, parse_http_date, parse_range
+from pixicache.model.artifact import CONDA_EXTENSIONS, Artifact, is_sha256
+from pixicache.serve.config import ServeConfig
+from pixicache.serve.fill import USER_AGENT, Fill, FillFailed, FillManager
+from pixicache.serve.http import (
     IMMUTABLE,
     HTTPProblem,
     abort,
@@ -57,10 +55,12 @@ from .http import (
     split_path,
     write_chunk,
 )
-from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .repodata import RepodataCache, is_metadata
-from .upstreams import UpstreamMap
-from .writer import lock_mode
+from pixicache.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from pixicache.serve.repodata import RepodataCache, is_metadata
+from pixicache.serve.upstreams import UpstreamMap
+from pixicache.serve.writer import lock_mode
+from pixicache.store import Store, hash_file
+from pixicache.store.locking import FileLock, LockTimeout
 
 access_log = logging.getLogger("pixicache.serve.access")
 log = logging.getLogger("pixicache.serve")
@@ -763,8 +763,8 @@ class ServeApp:
         if what == "gc":
             if request.method != "POST":
                 raise HTTPProblem(405, "POST /admin/gc", {"Allow": "POST"})
-            from ..config import parse_size
-            from ..errors import ConfigError
+            from pixicache.config import parse_size
+            from pixicache.errors import ConfigError
 
             raw = parse_qs(query).get("max_size", [None])[0]
             try:
@@ -821,7 +821,7 @@ def _printable(text: str, limit: int = 300) -> str:
 def _pinned_sha256(version: str, archive: str) -> str | None:
     """The pinned digest of a Pixi release archive, if the pin table has it."""
     try:
-        from ..pixi.pins import find_pin
+        from pixicache.backends.pixi.pins import find_pin
     except ImportError:  # pragma: no cover - the pin table module is optional here
         return None
     try:

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import default_cache_dir, parse_size
-from ..errors import ConfigError
+from pixicache.config import default_cache_dir, parse_size
+from pixicache.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

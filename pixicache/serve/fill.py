@@ -35,12 +35,12 @@ from typing import IO, Any
 
 import aiohttp
 
-from ..errors import StoreError, StoreFull
-from ..httputil import content_range_start
-from ..locking import FileLock, LockTimeout
-from ..store import Store
-from .metrics import Metrics
-from .writer import FillWriter, fill_lock
+from pixicache.errors import StoreError, StoreFull
+from pixicache.httputil import content_range_start
+from pixicache.serve.metrics import Metrics
+from pixicache.serve.writer import FillWriter, fill_lock
+from pixicache.store import Store
+from pixicache.store.locking import FileLock, LockTimeout
 
 log = logging.getLogger("pixicache.serve")
 

@@ -27,7 +27,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from ..httputil import parse_http_date
+from pixicache.httputil import parse_http_date
 
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.+\-!~=,@]+$")
 """What one decoded path segment may hold (conda file names, versions, hex digests)."""

@@ -31,9 +31,9 @@ from typing import Any
 
 import aiohttp
 
-from .fill import USER_AGENT
-from .http import HTTPProblem
-from .metrics import Metrics
+from pixicache.serve.fill import USER_AGENT
+from pixicache.serve.http import HTTPProblem
+from pixicache.serve.metrics import Metrics
 
 log = logging.getLogger("pixicache.serve")
 

@@ -30,10 +30,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from ..store import Store
-from .app import ServeApp
-from .config import ServeConfig
-from .metrics import Metrics
+from pixicache.serve.app import ServeApp
+from pixicache.serve.config import ServeConfig
+from pixicache.serve.metrics import Metrics
+from pixicache.store import Store
 
 log = logging.getLogger("pixicache.serve")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
-from .config import Upstream
-from .http import SEGMENT_RE
+from pixicache.serve.config import Upstream
+from pixicache.serve.http import SEGMENT_RE
 
 MAX_URL = 2048
 

@@ -22,16 +22,16 @@ agents of its node resume each other's interrupted downloads.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..artifact import is_sha256
-from ..errors import StoreError, StoreFull
-from ..locking import FileLock, LockTimeout
-from ..store import HASH_CHUNK, Store
+from pixicache.errors import StoreFull
+from pixicache.model.artifact import is_sha256
+from pixicache.store import HASH_CHUNK, Store
+from pixicache.store.commit import commit_partial
+from pixicache.store.locking import FileLock
 
 
 def _pwritev_fallback(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
@@ -161,7 +161,7 @@ class FillWriter:
         return self._hash.hexdigest()
 
     def commit(self, digest: str) -> Path:
-        """fsync, make read-only and rename into ``sha256/`` as ``digest``; record the URL.
+        """Commit the body as blob ``digest`` (:func:`~pixicache.store.commit.commit_partial`).
 
         ``digest`` must be :meth:`hexdigest` (checked by the caller against
         the expected one). For an unknown-digest fill the blob's lock is taken
@@ -169,36 +169,11 @@ class FillWriter:
         now, its copy wins and this one is dropped.
         """
         assert is_sha256(digest) and digest == self.hexdigest()
-        fd = self.fd
-        try:
-            os.fsync(fd)
-            os.fchmod(fd, self.store.blob_mode)
-        except OSError as exc:
-            self._raise_os(exc)
-        dest = self.store.path_for(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.expected is not None:
-            os.replace(self.partial_path, dest)
-        else:
-            try:
-                with FileLock(
-                    self.store.lock_dir / f"{digest}.lock", timeout=30, mode=lock_mode(self.store)
-                ):
-                    if dest.exists():
-                        self.partial_path.unlink()
-                    else:
-                        os.replace(self.partial_path, dest)
-            except LockTimeout:
-                self.partial_path.unlink()
+        dest = commit_partial(
+            self.store, self.fd, self.partial_path,
+            sha256=digest, size=self.offset, url=self.url, locked=self.expected is not None,
+        )
         self.close()
-        with contextlib.suppress(OSError):
-            dfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        if dest.exists():
-            self.store.record(digest, self.offset, url=self.url)
         return dest
 
     def discard(self) -> None:
@@ -217,10 +192,7 @@ class FillWriter:
                     self.partial_path.unlink()
 
     def _raise_os(self, exc: OSError) -> None:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        error = self.store.os_error(exc, f"filling {self.url}")
+        if isinstance(error, StoreFull):
             self.discard()
-            raise StoreFull(
-                f"no space left in the store {self.store.root}: misses are refused until "
-                "space is freed (lower --max-size or run `pixicache cache gc`)"
-            ) from exc
-        raise StoreError(f"cannot write to the store {self.store.root}: {exc}") from exc
+        raise error from exc

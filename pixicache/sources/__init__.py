@@ -1,7 +1,7 @@
 """Where artifacts come from: the :class:`Source` protocol and its plugins."""
 
-from .base import TIERS, FetchContext, Source, SourceFactory
-from .registry import parse_source, parse_sources, source_plugins
+from pixicache.sources.base import TIERS, FetchContext, Source, SourceFactory
+from pixicache.sources.registry import parse_source, parse_sources, source_plugins
 
 __all__ = [
     "TIERS",

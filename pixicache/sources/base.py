@@ -1,7 +1,7 @@
 """The :class:`Source` protocol: one place an artifact's bytes can come from.
 
 A source makes **one attempt** to stream an artifact into a
-:class:`~pixicache.store.BlobWriter`. The :class:`~pixicache.fetch.Fetcher`
+:class:`~pixicache.store.cas.BlobWriter`. The :class:`~pixicache.fetch.fetcher.Fetcher`
 owns everything around it: the order of sources, retries with backoff,
 resuming from ``writer.offset``, verification and commit. So a plugin only
 knows how to reach its bytes.
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import httpx
 
-    from ..artifact import Artifact
-    from ..store import BlobWriter
+    from pixicache.model.artifact import Artifact
+    from pixicache.store import BlobWriter
 
 
 TIERS = ("store", "local", "mirror", "upstream")

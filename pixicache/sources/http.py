@@ -15,28 +15,31 @@ from __future__ import annotations
 import errno
 import socket
 from typing import TYPE_CHECKING, ClassVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 
-from ..errors import SourceUnavailable
-from ..httputil import content_range_start, parse_retry_after
+from pixicache.errors import SourceNotFound, SourceUnavailable
+from pixicache.httputil import content_range_start, parse_retry_after
+from pixicache.sources.paths import channel_path, copy_file, digest_url, path_from_file_url
 
 if TYPE_CHECKING:
-    from ..artifact import Artifact
-    from ..store import BlobWriter
-    from .base import FetchContext
+    from pixicache.model.artifact import Artifact
+    from pixicache.sources.base import FetchContext
+    from pixicache.store import BlobWriter
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 """Statuses worth another try of the same source (after a pause). 507 (a
 mirror whose disk is full) is not among them: the next source is tried at once."""
 
 
-def describe_transport_error(url: str, exc: Exception) -> tuple[str, bool]:
-    """A user-facing reason for an httpx transport error, and whether it is transient.
+def transport_failure(url: str, exc: Exception) -> SourceUnavailable:
+    """The :class:`SourceUnavailable` for an httpx transport error, with a reason a user
+    can act on.
 
-    Name-resolution failures are not transient (the host does not exist from
-    here); refused connections, resets and timeouts are.
+    A host that does not resolve is unreachable and not transient (it does not
+    exist from here); a refused or failed connection is unreachable and transient;
+    resets and timeouts are transient.
     """
     host = urlsplit(url).netloc or url
     proxy = proxy_for(url)
@@ -45,23 +48,31 @@ def describe_transport_error(url: str, exc: Exception) -> tuple[str, bool]:
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, socket.gaierror):
-            return f"cannot resolve host {host} ({cause.strerror or cause})", False
+            return SourceUnavailable(
+                f"cannot resolve host {host} ({cause.strerror or cause})", unreachable=True
+            )
         if isinstance(cause, ConnectionRefusedError) or (
             isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED
         ):
-            return f"connection to {host} refused", True
+            return SourceUnavailable(
+                f"connection to {host} refused", transient=True, unreachable=True
+            )
         cause = cause.__cause__ or cause.__context__
     text = str(exc) or type(exc).__name__
     lowered = text.lower()
     if "name or service not known" in lowered or "name resolution" in lowered or "nodename" in lowered:
-        return f"cannot resolve host {host} ({text})", False
+        return SourceUnavailable(f"cannot resolve host {host} ({text})", unreachable=True)
     if isinstance(exc, httpx.ConnectError):
-        return f"cannot connect to {host}: {text}", True
+        return SourceUnavailable(
+            f"cannot connect to {host}: {text}", transient=True, unreachable=True
+        )
     if isinstance(exc, httpx.TimeoutException):
-        return f"timed out talking to {host} ({type(exc).__name__})", True
+        return SourceUnavailable(
+            f"timed out talking to {host} ({type(exc).__name__})", transient=True
+        )
     if isinstance(exc, httpx.RemoteProtocolError):
-        return f"{host} closed the connection early ({text})", True
-    return f"error talking to {host}: {text}", True
+        return SourceUnavailable(f"{host} closed the connection early ({text})", transient=True)
+    return SourceUnavailable(f"error talking to {host}: {text}", transient=True)
 
 
 def proxy_for(url: str) -> str | None:
@@ -94,7 +105,7 @@ def stream_http(
         with ctx.client.stream("GET", url, headers=req_headers) as resp:
             status = resp.status_code
             if status in (404, 410):
-                raise SourceUnavailable(f"{url}: HTTP {status} (not there)")
+                raise SourceNotFound(f"{url}: HTTP {status} (not there)")
             if status == 416 and offset:
                 writer.restart()
                 raise SourceUnavailable(f"{url}: HTTP 416 for a resume", transient=True)
@@ -120,18 +131,9 @@ def stream_http(
             for chunk in resp.iter_raw():
                 writer.write(chunk)
     except httpx.TransportError as exc:
-        reason, transient = describe_transport_error(url, exc)
-        raise SourceUnavailable(reason, transient=transient) from exc
+        raise transport_failure(url, exc) from exc
     except httpx.InvalidURL as exc:
         raise SourceUnavailable(f"invalid URL {url!r}: {exc}") from exc
-
-
-def channel_path(artifact: Artifact) -> str | None:
-    """The path of the artifact's channel on its host (``/conda-forge``)."""
-    if not artifact.channel:
-        return None
-    path = urlsplit(artifact.channel).path.rstrip("/")
-    return path or None
 
 
 class MirrorSource:
@@ -162,11 +164,6 @@ class MirrorSource:
         url = self.location(artifact)
         assert url is not None
         stream_http(ctx, url, writer, {"x-expected-sha256": artifact.sha256})
-
-
-def digest_url(base_url: str, artifact: Artifact) -> str:
-    """``BASE/sha256/<hex>?url=<upstream>``: a pixicache mirror's digest endpoint."""
-    return f"{base_url}/sha256/{artifact.sha256}?url={quote(artifact.url, safe='')}"
 
 
 class DigestSource:
@@ -216,8 +213,6 @@ class UpstreamSource:
 
     def fetch(self, artifact: Artifact, writer: BlobWriter, ctx: FetchContext) -> None:
         if artifact.url.startswith("file://"):
-            from .local import copy_file, path_from_file_url
-
             copy_file(path_from_file_url(artifact.url), writer, ctx.chunk_size)
             return
         stream_http(ctx, artifact.url, writer)

@@ -11,33 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
-from urllib.parse import unquote, urlsplit
 
-from ..errors import SourceUnavailable
-from .http import channel_path
+from pixicache.errors import SourceNotFound
+from pixicache.sources.paths import channel_path, copy_file, path_from_file_url
 
 if TYPE_CHECKING:
-    from ..artifact import Artifact
-    from ..store import BlobWriter
-    from .base import FetchContext
-
-
-def copy_file(path: Path, writer: BlobWriter, chunk_size: int = 1 << 20) -> None:
-    """Copy ``path`` into ``writer`` from ``writer.offset`` on."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(writer.offset)
-            while chunk := fh.read(chunk_size):
-                writer.write(chunk)
-    except FileNotFoundError:
-        raise SourceUnavailable(f"{path}: no such file") from None
-    except PermissionError as exc:
-        raise SourceUnavailable(f"{path}: {exc.strerror}") from None
-
-
-def path_from_file_url(url: str) -> Path:
-    """``file:///a/b`` → ``/a/b``."""
-    return Path(unquote(urlsplit(url).path))
+    from pixicache.model.artifact import Artifact
+    from pixicache.sources.base import FetchContext
+    from pixicache.store import BlobWriter
 
 
 class LocalDirSource:
@@ -82,4 +63,4 @@ class LocalDirSource:
             if path.is_file():
                 copy_file(path, writer, ctx.chunk_size)
                 return
-        raise SourceUnavailable(f"{artifact.filename}: not in {self.root}")
+        raise SourceNotFound(f"{artifact.filename}: not in {self.root}")

@@ -9,44 +9,36 @@ directory, ``upstream`` is upstream).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
-from ..errors import ConfigError
-from ..plugins import load_entry_points
-from .base import Source
+from pixicache.errors import ConfigError
+from pixicache.plugins import PluginGroup, plugins
+from pixicache.sources.base import Source, SourceFactory
 
-GROUP = "pixicache.sources"
-
-# Used only when the package's metadata is not installed (a bare checkout on
-# sys.path): the same names the entry points in pyproject.toml declare.
-_BUILTIN = {
-    "dir": "pixicache.sources.local:LocalDirSource",
-    "mirror": "pixicache.sources.http:MirrorSource",
-    "digest": "pixicache.sources.http:DigestSource",
-    "upstream": "pixicache.sources.http:UpstreamSource",
-}
+GROUP = PluginGroup("pixicache.sources", "source", SourceFactory)
+"""Source plugins: classes following :class:`~pixicache.sources.base.SourceFactory`."""
 
 
-@lru_cache(maxsize=1)
 def source_plugins() -> dict[str, Any]:
-    """Every registered source class, by kind."""
-    return load_entry_points(GROUP, _BUILTIN)
+    """Every working source class, by kind (broken plugins are skipped with a warning)."""
+    return plugins(GROUP).loaded()
 
 
 def parse_source(spec: str) -> Source:
     """One ``--source`` value → a source; :class:`ConfigError` if unknown."""
     spec = spec.strip()
-    plugins = source_plugins()
+    found = plugins(GROUP)
     kind, sep, value = spec.partition("=")
-    if sep and kind in plugins:
-        return plugins[kind].from_spec(value)
-    for factory in plugins.values():
+    if sep:
+        factory = found.get(kind)  # PluginError for a broken plugin of that name
+        if factory is not None:
+            return factory.from_spec(value)
+    for factory in found.loaded().values():
         if factory.claims(spec):
             return factory.from_spec(spec)
     raise ConfigError(
         f"unknown source {spec!r}: use KIND=VALUE with KIND one of "
-        f"{', '.join(sorted(plugins))}, an http(s):// mirror URL, a directory path, "
+        f"{', '.join(found.names())}, an http(s):// mirror URL, a directory path, "
         "or 'upstream'"
     )
 

@@ -20,7 +20,7 @@ Sites can use it in their own tests, as they would use respx or pytest-httpserve
 
 from __future__ import annotations
 
-from .channel import (
+from pixicache.testing.channel import (
     DEFAULT_UPSTREAM,
     Channel,
     build_channel,
@@ -30,7 +30,7 @@ from .channel import (
     demo_channel_specs,
     repodata,
 )
-from .conda_package import (
+from pixicache.testing.conda_package import (
     PLACEHOLDER,
     BuiltPackage,
     FileSpec,
@@ -38,9 +38,9 @@ from .conda_package import (
     build_conda_package,
     package_filename,
 )
-from .locks import LockPackage, render_lock, write_lock
-from .server import FAULT_KINDS, Fault, RequestRecord, UpstreamServer
-from .workload import (
+from pixicache.testing.locks import LockPackage, render_lock, write_lock
+from pixicache.testing.server import FAULT_KINDS, Fault, RequestRecord, UpstreamServer
+from pixicache.testing.workload import (
     Workload,
     WorkloadArtifact,
     default_lock_path,

@@ -38,14 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .conda_package import (
+from pixicache.testing.conda_package import (
     PLACEHOLDER,
     BuiltPackage,
     FileSpec,
     PackageSpec,
     build_conda_package,
 )
-from .locks import LockPackage, render_lock
+from pixicache.testing.locks import LockPackage, render_lock
 
 __all__ = [
     "DEFAULT_UPSTREAM",

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
-from ..httputil import parse_range
+from pixicache.httputil import parse_range
 
 __all__ = ["FAULT_KINDS", "Fault", "RequestRecord", "UpstreamServer", "main"]
 

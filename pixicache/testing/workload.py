@@ -42,10 +42,10 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from ..artifact import Artifact
-from .channel import Channel
-from .conda_package import FileSpec, PackageSpec, build_conda_package
-from .locks import LockPackage, render_lock
+from pixicache.model.artifact import Artifact
+from pixicache.testing.channel import Channel
+from pixicache.testing.conda_package import FileSpec, PackageSpec, build_conda_package
+from pixicache.testing.locks import LockPackage, render_lock
 
 __all__ = [
     "Workload",
@@ -222,7 +222,7 @@ class WorkloadArtifact:
     original_size: int
 
     def artifact(self) -> Artifact:
-        """As a :class:`pixicache.artifact.Artifact`."""
+        """As a :class:`pixicache.model.artifact.Artifact`."""
         channel = self.url.rsplit("/", 2)[0]
         return Artifact(
             url=self.url,

@@ -1,0 +1,433 @@
+"""The child process that runs py-rattler for :mod:`pixicache.installers.rattler`.
+
+py-rattler can crash at interpreter exit (SIGSEGV/SIGABRT after ``install()``),
+so every call into it happens here, in a process that prints one JSON line on
+stdout and ends with ``os._exit``. It imports only the standard library and
+``rattler``, to start fast. Usage::
+
+    python -m pixicache.backends.rattler.child install '<json request>'
+    python -m pixicache.backends.rattler.child activate '<json request>'
+
+A request may also be given as ``@path`` (a file holding the JSON).
+
+``install`` request keys: ``lock``, ``environment``, ``platform``, ``prefix``
+(absolute), ``package_cache``, ``mirrors`` (channel URL -> list of mirror
+URLs, for rattler's ``MirrorMiddleware``), ``state`` (the dict written to the
+prefix marker), ``guard`` (default true). It answers ``{"ok": true,
+"operations": n, "evicted": [...], "verified": [...], "seconds": s}`` or
+``{"ok": false, "error": "...", "type": "..."}`` (exit code 5).
+
+``activate`` request keys: ``prefix``. It answers ``{"ok": true, "script": "..."}``.
+
+The node cache guard
+--------------------
+rattler hard-links prefix files to the extracted package in its cache, so a
+job that modifies a file of its prefix in place (``>>``, an editor, a
+``open(..., "r+")``) modifies the cache, and every later install on the node
+would copy the modified file. :class:`CacheGuard` defends without giving up
+hard links (copies cost ~7x and a full re-hash ~3x a warm install, measured):
+
+* after a package is extracted, a snapshot of its files (size, mtime, inode)
+  is written to ``<cache>/.pixicache-snapshots/<entry>.json``; a file changed
+  after extraction (an mtime not older than the install) is first hashed
+  against the package's ``paths.json``;
+* before an install, each cache entry the environment needs is compared with
+  its snapshot (a ``stat`` per file); an entry without a snapshot (extracted
+  by another tool) is hashed against ``paths.json`` once; an entry that
+  changed is moved aside and deleted, so rattler extracts it again from the
+  (verified) node store.
+
+Both steps hold rattler's own cache lock (``<cache>/.cache.lock``, which
+rattler holds for a whole install, linking included), so no install links
+from an entry while it is checked or removed. A job's own prefix keeps its
+modified file: only the shared cache is repaired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "pixicache-state"
+"""The marker in ``<prefix>/conda-meta`` (no ``.json`` suffix: rattler reads every
+``conda-meta/*.json`` as a package record and fails on anything else)."""
+
+ACTIVATION_FILE = "pixicache-activation"
+"""The cached activation script in ``<prefix>/conda-meta`` (see :func:`prefix_fingerprint`)."""
+
+SNAPSHOT_DIR = ".pixicache-snapshots"
+TRASH_DIR = ".pixicache-trash"
+CACHE_LOCK = ".cache.lock"
+PATH_SENTINEL = "/@pixicache-base-path@"
+_FRESH_SLACK_NS = 2_000_000_000
+
+
+# -- helpers shared with the parent (stdlib only) ------------------------------------------
+
+
+def prefix_fingerprint(prefix: str | os.PathLike[str]) -> str:
+    """A digest of the prefix's package records (names, sizes, mtimes of
+    ``conda-meta/*.json``): it changes whenever a package is linked or unlinked."""
+    meta = Path(prefix) / "conda-meta"
+    rows = []
+    try:
+        for entry in os.scandir(meta):
+            if entry.name.endswith(".json"):
+                st = entry.stat()
+                rows.append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}")
+    except OSError:
+        return ""
+    rows.sort()
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename.
+
+    No fsync (8 ms each here): every file written this way is a cache whose
+    loss or truncation after a power cut only costs a re-check (an unreadable
+    marker or snapshot reads as absent).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """rattler's whole-cache lock (an ``flock`` on ``<cache>/.cache.lock``)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache / CACHE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- the cache guard -----------------------------------------------------------------------
+
+
+def _hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CacheGuard:
+    """Snapshots and repairs of rattler package-cache entries (see the module doc)."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+        self.snapdir = cache / SNAPSHOT_DIR
+        self.evicted: list[str] = []
+        self.verified: list[str] = []
+        self._clean: set[str] = set()  # entries found matching their snapshot before the install
+
+    def _snap_path(self, entry: str) -> Path:
+        return self.snapdir / f"{entry}.json"
+
+    @staticmethod
+    def _paths(entry_dir: Path) -> list[dict[str, Any]] | None:
+        try:
+            data = json.loads((entry_dir / "info" / "paths.json").read_text())
+        except (OSError, ValueError):
+            return None
+        paths = data.get("paths")
+        return paths if isinstance(paths, list) else None
+
+    def check(self, entry: str, sha256: str) -> str:
+        """``"ok"`` (matches its snapshot), ``"changed"`` or ``"unknown"`` (no snapshot)."""
+        try:
+            snap = json.loads(self._snap_path(entry).read_text())
+        except (OSError, ValueError):
+            return "unknown"
+        if snap.get("sha256") != sha256:
+            return "unknown"
+        base = self.cache / entry
+        for rel, size, mtime, ino in snap.get("files", []):
+            try:
+                st = os.lstat(base / rel)
+            except OSError:
+                return "changed"
+            if st.st_size != size or st.st_mtime_ns != mtime or st.st_ino != ino:
+                return "changed"
+        return "ok"
+
+    def verify(self, entry: str, only_since_ns: int | None = None) -> bool:
+        """Hash the entry's files against its ``paths.json`` (all of them, or only
+        those modified at or after ``only_since_ns``)."""
+        base = self.cache / entry
+        paths = self._paths(base)
+        if paths is None:
+            return True  # an old package without paths.json: nothing to check against
+        for item in paths:
+            rel = item.get("_path")
+            if not isinstance(rel, str):
+                continue
+            p = base / rel
+            kind = item.get("path_type", "hardlink")
+            if kind == "softlink":
+                if not p.is_symlink():
+                    return False
+                continue
+            if kind != "hardlink":
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                return False
+            if only_since_ns is not None and st.st_mtime_ns < only_since_ns:
+                continue
+            size = item.get("size_in_bytes")
+            if size is not None and st.st_size != size:
+                return False
+            digest = item.get("sha256")
+            if digest and _hash(p) != digest:
+                return False
+        return True
+
+    def snapshot(self, entry: str, sha256: str) -> None:
+        base = self.cache / entry
+        files = []
+        paths = self._paths(base) or []
+        for item in paths:
+            rel = item.get("_path")
+            if not isinstance(rel, str) or item.get("path_type", "hardlink") != "hardlink":
+                continue
+            try:
+                st = os.lstat(base / rel)
+            except OSError:
+                continue
+            files.append([rel, st.st_size, st.st_mtime_ns, st.st_ino])
+        self.snapdir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._snap_path(entry), json.dumps({"sha256": sha256, "files": files}))
+
+    def evict(self, entry: str) -> None:
+        """Move the entry aside and delete it (rattler extracts it again)."""
+        trash = self.cache / TRASH_DIR
+        trash.mkdir(parents=True, exist_ok=True)
+        target = trash / f"{entry}.{os.getpid()}.{time.monotonic_ns()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.cache / entry, target)
+        with contextlib.suppress(FileNotFoundError):
+            self._snap_path(entry).unlink()
+        shutil.rmtree(target, ignore_errors=True)
+        self.evicted.append(entry)
+
+    def before_install(self, entries: list[tuple[str, str]]) -> None:
+        """Repair what the install will link from (hold :func:`cache_lock`)."""
+        for entry, sha in entries:
+            if not (self.cache / entry).is_dir():
+                continue
+            state = self.check(entry, sha)
+            if state == "ok":
+                self._clean.add(entry)
+                continue
+            if state == "unknown":
+                if self.verify(entry):
+                    self.snapshot(entry, sha)
+                    self.verified.append(entry)
+                    self._clean.add(entry)
+                    continue
+                state = "changed"
+            if state == "changed":
+                self.evict(entry)
+
+    def after_install(self, entries: list[tuple[str, str]], started_ns: int) -> list[str]:
+        """Snapshot new entries; returns those modified since ``started_ns`` (evicted).
+
+        Entries that matched their snapshot before the install are not looked at
+        again (rattler links from a valid entry without touching it).
+        """
+        raced = []
+        for entry, sha in entries:
+            if entry in self._clean or not (self.cache / entry).is_dir():
+                continue
+            if self.check(entry, sha) == "ok":
+                continue
+            if self.verify(entry, only_since_ns=started_ns - _FRESH_SLACK_NS):
+                self.snapshot(entry, sha)
+            else:
+                self.evict(entry)
+                raced.append(entry)
+        return raced
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _records(lock: str, environment: str, platform: str) -> list[Any]:
+    import rattler
+
+    lf = rattler.LockFile.from_path(Path(lock))
+    env = lf.environment(environment)
+    if env is None:
+        names = ", ".join(name for name, _ in lf.environments())
+        raise ValueError(f"{lock}: no environment '{environment}' (environments: {names})")
+    plats = [p for p in env.platforms() if p.name == platform]
+    if not plats:
+        have = ", ".join(p.name for p in env.platforms())
+        raise ValueError(
+            f"{lock}: environment '{environment}' is not locked for {platform} (platforms: {have})"
+        )
+    return list(env.conda_repodata_records_for_platform(plats[0]) or [])
+
+
+def _entry(rec: Any) -> str:
+    return f"{rec.name.normalized}-{rec.version}-{rec.build}"
+
+
+async def _install(records: list[Any], req: dict[str, Any], reinstall: set[str] | None) -> int:
+    import rattler
+    from rattler.install import InstallerReporter
+    from rattler.networking import Client, MirrorMiddleware
+
+    class Counter(InstallerReporter):
+        """Counts the transaction's link/unlink operations."""
+
+        operations = 0
+
+        def on_transaction_start(self, total_operations: int) -> None:
+            self.operations = total_operations
+
+    middlewares: list[Any] = []
+    if req.get("mirrors"):
+        middlewares.append(MirrorMiddleware(req["mirrors"]))
+    client = Client(middlewares)
+    counter = Counter()  # type: ignore[abstract]  # a Protocol whose methods default to no-ops
+    await rattler.install(
+        records,
+        target_prefix=req["prefix"],
+        cache_dir=Path(req["package_cache"]),
+        client=client,
+        show_progress=False,
+        reporter=counter,
+        reinstall_packages=reinstall,
+    )
+    return counter.operations
+
+
+def activation_script(prefix: str) -> str:
+    """The bash activation script of ``prefix``; it prepends ``<prefix>/bin`` to
+    the ``PATH`` the script finds when it runs."""
+    from rattler.shell import ActivationVariables, Shell, activate
+
+    result = activate(Path(prefix), ActivationVariables(None, [PATH_SENTINEL]), Shell.bash)
+    script = result.script
+    return script.replace(PATH_SENTINEL + ":", "").replace(":" + PATH_SENTINEL, "")
+
+
+def save_activation(prefix: str, script: str) -> None:
+    meta = Path(prefix) / "conda-meta"
+    with contextlib.suppress(OSError):
+        write_atomic(
+            meta / ACTIVATION_FILE,
+            json.dumps({"fingerprint": prefix_fingerprint(prefix), "script": script}),
+        )
+
+
+def cmd_install(req: dict[str, Any]) -> dict[str, Any]:
+    start = time.monotonic()
+    timings: dict[str, float] = {}
+    records = _records(req["lock"], req["environment"], req["platform"])
+    timings["records"] = time.monotonic() - start
+    cache = Path(req["package_cache"])
+    prefix = Path(req["prefix"])
+    entries = [(_entry(r), r.sha256.hex() if r.sha256 else "") for r in records]
+    guard = CacheGuard(cache) if req.get("guard", True) else None
+    state_path = prefix / "conda-meta" / STATE_FILE
+    with contextlib.suppress(FileNotFoundError):
+        state_path.unlink()  # the marker only ever describes a finished install
+    t = time.monotonic()
+    if guard is not None:
+        with cache_lock(cache):
+            guard.before_install(entries)
+    timings["guard_before"] = time.monotonic() - t
+    started_ns = time.time_ns()
+    import asyncio
+
+    t = time.monotonic()
+    operations = asyncio.run(_install(records, req, None))
+    timings["install"] = time.monotonic() - t
+    raced: list[str] = []
+    t = time.monotonic()
+    if guard is not None:
+        with cache_lock(cache):
+            raced = guard.after_install(entries, started_ns)
+        timings["guard_after"] = time.monotonic() - t
+        if raced:
+            names = {r.name.normalized for r in records if _entry(r) in raced}
+            with cache_lock(cache):
+                guard.before_install([e for e in entries if e[0] in raced])
+            asyncio.run(_install(records, req, names))
+            with cache_lock(cache):
+                again = guard.after_install(entries, time.time_ns())
+            if again:
+                raise RuntimeError(
+                    f"package cache entries {', '.join(again)} in {cache} keep changing during "
+                    "the install (another job is writing into its prefix's hard links?)"
+                )
+    t = time.monotonic()
+    save_activation(str(prefix), activation_script(str(prefix)))
+    timings["activation"] = time.monotonic() - t
+    state = dict(req.get("state") or {})
+    state["installed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_atomic(state_path, json.dumps(state, indent=1, sort_keys=True))
+    return {
+        "ok": True,
+        "operations": operations,
+        "packages": len(records),
+        "evicted": guard.evicted if guard else [],
+        "verified": guard.verified if guard else [],
+        "raced": raced,
+        "seconds": time.monotonic() - start,
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
+
+
+def cmd_activate(req: dict[str, Any]) -> dict[str, Any]:
+    script = activation_script(req["prefix"])
+    if req.get("save", True):
+        save_activation(req["prefix"], script)
+    return {"ok": True, "script": script}
+
+
+COMMANDS = {"install": cmd_install, "activate": cmd_activate}
+
+
+def main(argv: list[str]) -> int:
+    """Run one command; print its JSON answer; return the exit code (0 or 5)."""
+    if len(argv) != 2 or argv[0] not in COMMANDS:
+        print(json.dumps({"ok": False, "error": f"usage: {sorted(COMMANDS)} <json|@file>"}))
+        return 2
+    raw = argv[1]
+    try:
+        if raw.startswith("@"):
+            raw = Path(raw[1:]).read_text()
+        answer = COMMANDS[argv[0]](json.loads(raw))
+        rc = 0
+    except Exception as exc:  # reported to the parent, which raises InstallError
+        answer = {"ok": False, "error": str(exc), "type": type(exc).__name__}
+        rc = 5
+    print(json.dumps(answer))
+    return rc
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,398 @@
+"""The bundle at run time: unpacking it once per node and deciding whether py-rattler loads.
+
+The bundle is the agent as one file (``pixicache bundle -o pixicache.pyz``,
+:mod:`pixicache.bundle.build`).
+
+**Unpacking** (as shiv and pex do): on first use ``site/`` and ``rattler/`` are
+unpacked into the node store, ``<root>/<build id>/site`` and ``.../rattler``,
+where ``<root>`` is ``$PIXICACHE_BUNDLE_DIR``, else ``$PIXICACHE_CACHE_DIR/bundle``,
+else ``${XDG_CACHE_HOME:-~/.cache}/pixicache/bundle`` (a temporary directory if
+that cannot be created). Each part is extracted under a file lock into a
+temporary directory that is renamed into place, so concurrent jobs on a node
+unpack it once and none sees a half-written tree. Later starts import from the
+unpacked files (with ``__pycache__`` bytecode), so a warm start costs what an
+installed pixicache costs. The build id is the SHA-256 of the bundle's payload:
+a new bundle unpacks beside the old one, never over it.
+
+Everything is unpacked, not only the compiled parts, because pixicache relies on
+real files: the rattler installer runs ``backends/rattler/child.py`` by path
+in a child process (py-rattler can crash at interpreter exit), and package data
+is read from files. For that child, whose ``sys.path[0]`` is its own directory,
+``site/pixicache/backends/rattler/rattler`` is a symbolic link to the unpacked
+py-rattler package (so ``import rattler`` works there without setting
+``PYTHONPATH``, which would leak into the job's task).
+
+**py-rattler is optional at run time.** It is used only when this interpreter
+can load it: CPython >= 3.10 on Linux x86_64, and a one-time probe (a child
+process that imports it, cached per interpreter and glibc in
+``<root>/<build id>/rattler-probe-*.json``) succeeds. Otherwise it is left off
+``sys.path``, :func:`pixicache.backends.rattler.probe.rattler_available` says why, and the agent installs with a
+verified Pixi instead. ``python3 pixicache.pyz --bundle-info`` prints the
+bundle's contents and this decision as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pixicache.errors import PixicacheError
+
+__all__ = [
+    "META_NAME",
+    "RATTLER_MIN_PYTHON",
+    "UNPACKED_MARKER",
+    "BundleError",
+    "BundleRuntime",
+    "bundle_root",
+    "bundle_runtime",
+    "run_from_archive",
+]
+
+META_NAME = "pixicache-bundle.json"
+UNPACKED_MARKER = ".pixicache-unpacked"
+RATTLER_MIN_PYTHON = (3, 10)
+
+
+class BundleError(PixicacheError):
+    """The bundle cannot be built or unpacked."""
+
+    exit_code = 7
+
+
+@dataclass(frozen=True)
+class BundleRuntime:
+    """How this process runs from a bundle (see :func:`bundle_runtime`).
+
+    Attributes:
+        archive: the ``.pyz`` file.
+        build_id: the bundle's build id (SHA-256 of its payload, 16 hex digits).
+        home: ``<root>/<build id>``, where it is unpacked.
+        site: the unpacked pure-Python part (first on ``sys.path``).
+        rattler_dir: the unpacked py-rattler (on ``sys.path``), or ``None`` when unusable.
+        rattler_ok: whether py-rattler is usable in this interpreter.
+        rattler_reason: why (or why not), one sentence.
+        unpack_seconds: time spent unpacking in this process (``0.0``: already unpacked).
+        meta: the bundle's ``pixicache-bundle.json``.
+    """
+
+    archive: Path
+    build_id: str
+    home: Path
+    site: Path
+    rattler_dir: Path | None
+    rattler_ok: bool
+    rattler_reason: str
+    unpack_seconds: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The runtime as JSON (``--bundle-info``)."""
+        return {
+            "archive": str(self.archive),
+            "build_id": self.build_id,
+            "home": str(self.home),
+            "site": str(self.site),
+            "python": sys.version.split()[0],
+            "executable": sys.executable,
+            "rattler": {
+                "ok": self.rattler_ok,
+                "reason": self.rattler_reason,
+                "dir": None if self.rattler_dir is None else str(self.rattler_dir),
+            },
+            "unpack_seconds": round(self.unpack_seconds, 4),
+            "sys_path": list(sys.path),
+            "meta": self.meta,
+        }
+
+
+_RUNTIME: BundleRuntime | None = None
+
+def bundle_runtime() -> BundleRuntime | None:
+    """The :class:`BundleRuntime` when running from a bundle, else ``None``."""
+    return _RUNTIME
+
+
+def bundle_root() -> Path:
+    """Where bundles are unpacked: ``$PIXICACHE_BUNDLE_DIR``, else
+    ``$PIXICACHE_CACHE_DIR/bundle``, else ``${XDG_CACHE_HOME:-~/.cache}/pixicache/bundle``."""
+    env = os.environ
+    if env.get("PIXICACHE_BUNDLE_DIR"):
+        return Path(env["PIXICACHE_BUNDLE_DIR"]).expanduser()
+    if env.get("PIXICACHE_CACHE_DIR"):
+        return Path(env["PIXICACHE_CACHE_DIR"]).expanduser() / "bundle"
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pixicache" / "bundle"
+
+
+def _pyver() -> str:
+    return ".".join(str(v) for v in sys.version_info[:3])
+
+
+def _note(message: str) -> None:
+    sys.stderr.write(f"pixicache.pyz: {message}\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if needed; read-only if not ours)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def umask() -> int:
+    """The process umask (read without changing it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _ensure_unpacked(
+    archive: str, prefix: str, dest: Path, links: dict[str, str] | None = None
+) -> float:
+    """Unpack the members under ``prefix`` into ``dest`` once (atomically).
+
+    Returns the seconds spent unpacking (``0.0`` when ``dest`` was complete).
+    ``links`` maps relative paths to symlink targets created in the tree.
+    """
+    if (dest / UNPACKED_MARKER).exists():
+        return 0.0
+    import shutil
+    import tempfile
+    import zipfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(dest.parent / f".{dest.name}.lock"):
+        if (dest / UNPACKED_MARKER).exists():
+            return 0.0  # another process unpacked it while we waited
+        start = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            mask = umask()
+            os.chmod(tmp, 0o777 & ~mask)
+            files = nbytes = 0
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    if not info.filename.startswith(prefix) or info.is_dir():
+                        continue
+                    rel = info.filename[len(prefix) :]
+                    parts = rel.split("/")
+                    if not rel or rel.startswith("/") or ".." in parts:
+                        raise BundleError(f"{archive}: unsafe member name {info.filename!r}")
+                    target = tmp.joinpath(*parts)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    mode = (info.external_attr >> 16) & 0o777
+                    if mode:
+                        os.chmod(target, mode & ~mask)
+                    files += 1
+                    nbytes += info.file_size
+            for rel, link in (links or {}).items():
+                os.symlink(link, tmp / rel)
+            seconds = time.perf_counter() - start
+            marker = {
+                "files": files,
+                "bytes": nbytes,
+                "seconds": round(seconds, 4),
+                "pid": os.getpid(),
+            }
+            (tmp / UNPACKED_MARKER).write_text(json.dumps(marker))
+            if dest.exists():  # a tree without its marker: not ours to trust
+                stale = dest.parent / f".{dest.name}.stale-{os.getpid()}"
+                os.rename(dest, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return time.perf_counter() - start
+
+
+_PROBE = """\
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import rattler
+from rattler import Platform
+print(getattr(rattler, "__version__", "?"), Platform.current())
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def _libc_tag() -> str:
+    try:
+        value = os.confstr("CS_GNU_LIBC_VERSION") or "unknown"
+    except (ValueError, OSError):
+        value = "unknown"
+    return "".join(c if c.isalnum() or c == "." else "-" for c in value)
+
+
+def _rattler_status(
+    archive: str, meta: dict[str, Any], home: Path
+) -> tuple[bool, str, Path | None, float]:
+    """Whether this interpreter can use the bundle's py-rattler: (ok, reason, dir, unpack s)."""
+    info = meta.get("rattler")
+    if not info:
+        return (
+            False,
+            "this bundle was built without py-rattler (pixicache bundle --no-rattler)",
+            None,
+            0.0,
+        )
+    exe = f"{sys.implementation.name} {_pyver()} ({sys.executable})"
+    if sys.implementation.name != "cpython" or sys.version_info < RATTLER_MIN_PYTHON:
+        return (
+            False,
+            (
+                f"the bundle's py-rattler {info['version']} (an abi3 wheel) needs CPython >= 3.10; "
+                f"this is {exe}"
+            ),
+            None,
+            0.0,
+        )
+    machine = os.uname().machine
+    if not sys.platform.startswith("linux") or machine not in ("x86_64", "AMD64"):
+        return (
+            False,
+            (
+                f"the bundle's py-rattler {info['version']} is built for Linux x86_64; "
+                f"this is {sys.platform} {machine}"
+            ),
+            None,
+            0.0,
+        )
+    rdir = home / "rattler"
+    seconds = _ensure_unpacked(archive, "rattler/", rdir)
+    probe = home / f"rattler-probe-{sys.implementation.cache_tag}-{_libc_tag()}.json"
+    try:
+        cached = json.loads(probe.read_text())
+        return bool(cached["ok"]), str(cached["reason"]), rdir if cached["ok"] else None, seconds
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _PROBE, str(rdir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        # Not cached: a busy node may time out once; the next start probes again.
+        return (
+            False,
+            f"the bundle's py-rattler could not be probed with {exe}: {exc}",
+            None,
+            seconds,
+        )
+    if proc.returncode == 0:
+        ok, reason = (
+            True,
+            f"py-rattler {proc.stdout.split()[0] if proc.stdout.split() else '?'} from the bundle ({rdir})",
+        )
+    else:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        ok, reason = False, f"the bundle's py-rattler cannot be loaded by {exe}: {tail}"
+    tmp = probe.with_name(f".{probe.name}.{os.getpid()}")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps({"ok": ok, "reason": reason, "python": sys.executable}))
+        os.replace(tmp, probe)
+    return ok, reason, rdir if ok else None, seconds
+
+
+def _prepare(archive: str, meta: dict[str, Any]) -> dict[str, Any]:
+    build_id = str(meta["build_id"])
+    root = bundle_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if (
+            not os.access(root, os.W_OK)
+            and not (root / build_id / "site" / UNPACKED_MARKER).exists()
+        ):
+            raise PermissionError(f"{root} is not writable")
+    except OSError as exc:
+        import tempfile
+
+        fallback = Path(tempfile.gettempdir()) / f"pixicache-bundle-{os.getuid()}"
+        _note(f"cannot use {root} ({exc}); unpacking into {fallback}")
+        root = fallback
+    home = root / build_id
+    links = (
+        {"pixicache/backends/rattler/rattler": "../../../../rattler/rattler"}
+        if meta.get("rattler")
+        else None
+    )
+    try:
+        seconds = _ensure_unpacked(archive, "site/", home / "site", links)
+        ok, reason, rdir, more = _rattler_status(archive, meta, home)
+    except OSError as exc:
+        raise BundleError(
+            f"cannot unpack {archive} into {home}: {exc}. Set PIXICACHE_CACHE_DIR (or "
+            "PIXICACHE_BUNDLE_DIR) to a writable directory on local disk."
+        ) from None
+    seconds += more
+    if seconds:
+        _note(f"unpacked bundle {build_id} into {home} in {seconds:.2f} s")
+    return {
+        "archive": Path(archive),
+        "build_id": build_id,
+        "home": home,
+        "site": home / "site",
+        "rattler_dir": rdir,
+        "rattler_ok": ok,
+        "rattler_reason": reason,
+        "unpack_seconds": seconds,
+        "meta": meta,
+    }
+
+
+def run_from_archive(archive: str, meta: dict[str, Any]) -> None:
+    """The launcher's second half: unpack and put the unpacked tree on ``sys.path``.
+
+    Called by the bundle's ``__main__.py`` with this module imported from the
+    zip; the launcher then imports and runs the CLI from the unpacked files
+    (this module included, with :func:`bundle_runtime` set). Exits the process
+    itself only for an error or ``--bundle-info``.
+    """
+    try:
+        state = _prepare(archive, meta)
+    except BundleError as exc:
+        _note(f"error: {exc}")
+        sys.exit(exc.exit_code)
+    inside = os.path.abspath(archive)
+    paths = [str(state["site"])]
+    if state["rattler_dir"] is not None:
+        paths.append(str(state["rattler_dir"]))
+    sys.path[:] = paths + [p for p in sys.path if not os.path.abspath(p).startswith(inside)]
+    if os.path.abspath(__file__).startswith(inside + os.sep):
+        # Imported from the zip (first start): import pixicache again from the files.
+        for name in [n for n in sys.modules if n == "pixicache" or n.startswith("pixicache.")]:
+            del sys.modules[name]
+    import importlib
+
+    unpacked = importlib.import_module(__name__)  # this module, from the unpacked files
+    runtime = unpacked.BundleRuntime(**state)
+    unpacked._RUNTIME = runtime  # type: ignore[attr-defined]
+    if sys.argv[1:2] == ["--bundle-info"]:
+        print(json.dumps(runtime.to_json(), indent=2))
+        sys.exit(0)

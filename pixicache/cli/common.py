@@ -1,0 +1,113 @@
+"""Pieces every ``pixicache`` subcommand shares: options, settings, error handling.
+
+Subcommands defined in other modules (``pixicache.cli.pixi``, ``pixicache.cli.agent``,
+``pixicache.serve``...) import from here, not from :mod:`pixicache.cli`, which
+imports them to register them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from pixicache.config import Settings, resolve_settings
+from pixicache.errors import PixicacheError
+from pixicache.progress import human_bytes, human_rate
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"pixicache: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn :class:`PixicacheError` into a message and its exit code."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PixicacheError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings_from(ctx: click.Context, sources: tuple[str, ...] = (), jobs: int | None = None) -> Settings:
+    obj = ctx.find_root().obj or {}
+    return resolve_settings(cache_dir=obj.get("cache_dir"), sources=list(sources) or None, jobs=jobs)
+
+
+def open_store(settings: Settings) -> Any:
+    from pixicache.store import Store
+
+    return Store(settings.cache_dir)
+
+
+def _set_cache_dir(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        root = ctx.find_root()
+        root.obj = dict(root.obj or {}, cache_dir=value)
+
+
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_cache_dir,
+    help="The node store (default: $PIXICACHE_CACHE_DIR, the config file, else the user cache dir).",
+)
+"""``--cache-dir``, accepted before or after the subcommand name."""
+
+source_option = click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="SPEC",
+    help="A source to try, in order (repeatable; comma lists allowed): "
+    "mirror=URL, digest=URL, dir=PATH, upstream, or a bare URL/path. "
+    "Default: $PIXICACHE_SOURCES, the config file, else 'upstream'.",
+)
+jobs_option = click.option(
+    "-j", "--jobs", type=click.IntRange(1, 256), default=None, help="Parallel downloads (default 8)."
+)
+env_option = click.option(
+    "-e", "--environment", "environment", default=None, help="Environment of the lock (default: all)."
+)
+platform_option = click.option(
+    "-p", "--platform", default=None, help="Platform, e.g. linux-64 (default: all in the lock)."
+)
+
+
+
+def format_summary(report: Any) -> str:
+    """The human summary of a :class:`~pixicache.fetch.fetcher.FetchReport`."""
+    lines = [
+        f"{len(report.results)} artifacts, {human_bytes(report.total_bytes)} in "
+        f"{report.seconds:.1f} s ({human_rate(sum(r.bytes for r in report.results), report.seconds)} transferred)"
+    ]
+    for label, slot in sorted(report.by_source().items()):
+        verb = {"node store": "hits", "missing": "not fetched"}.get(label, "fetched")
+        noun = "artifact " if slot["artifacts"] == 1 else "artifacts"
+        lines.append(f"  {label:<40} {slot['artifacts']:>5} {noun} {human_bytes(slot['bytes']):>10} {verb}")
+    missing = report.missing
+    if missing:
+        lines.append(f"MISSING: {len(missing)} artifact(s) could not be fetched:")
+        for r in missing:
+            lines.append(f"  {r.artifact.filename} (sha256 {r.artifact.sha256})")
+            for attempt in r.attempts or ["no source could serve it"]:
+                lines.append(f"    - {attempt}")
+    else:
+        lines.append("all artifacts present and verified")
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""The ``rattler`` installer: py-rattler installs the lock's environment from the node store.
+
+How a prefix is made (``<workspace>/.pixi/envs/<env>``, where Pixi puts it):
+
+1. **No-op check** (in this process, no rattler): the prefix marker
+   ``conda-meta/pixicache-state`` holds the SHA-256 of the environment's record
+   set (every conda package's URL and SHA-256, sorted) and the platform. When
+   it matches the lock and every package's ``conda-meta/<name>-<version>-<build>.json``
+   is present, the install is skipped: a few milliseconds.
+2. **Hand-off from the store**: a :class:`~pixicache.store.view.StoreView`
+   serves the store's verified blobs on ``127.0.0.1``, and rattler's
+   ``MirrorMiddleware`` maps each channel of the lock to it (a URL-prefix
+   swap), so rattler downloads every archive from the node store and nothing
+   from outside, and verifies each archive's SHA-256 again as it streams over
+   HTTP. The records come from rattler's own lock parser, so ``conda-meta``
+   keeps the lock's original URLs. (A ``file://`` mirror is rejected by
+   rattler's HTTP client — "URL scheme is not allowed" — and pre-seeding
+   the package cache would mean re-implementing its layout: both measured,
+   both rejected.)
+3. **Install in a child process** (``python -m pixicache.backends.rattler.child``),
+   which exits with ``os._exit``: py-rattler can crash at interpreter exit.
+   ``rattler.install`` makes the prefix hold exactly the lock's records and
+   links or unlinks only what changed.
+4. **Node sharing**: the package cache is ``<store>/pkgs`` (the request's
+   ``package_cache``), shared by every job on the node; rattler's cache lock
+   serializes extraction and linking, so no job sees a half-extracted
+   package. Prefix files are hard links into the cache, so the child's
+   :class:`~pixicache.backends.rattler.child.CacheGuard` snapshots each
+   extracted package and repairs (re-extracts) any whose files a job modified
+   through its prefix, before linking it into another prefix.
+5. The marker is written last, after the activation script is cached
+   (``conda-meta/pixicache-activation``, used by :mod:`pixicache.agent.runner`).
+
+PyPI packages are not installed by rattler: an environment with PyPI entries
+makes this installer unavailable (use the ``pixi`` installer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pixicache.backends.rattler.child import STATE_FILE
+from pixicache.backends.rattler.process import run_child
+from pixicache.errors import InstallError
+from pixicache.installers.base import InstallRequest, InstallResult
+from pixicache.model.artifact import Artifact
+from pixicache.store.view import StoreView
+
+__all__ = [
+    "STATE_SCHEMA",
+    "RattlerInstaller",
+    "prefix_is_current",
+    "read_state",
+    "records_digest",
+    "run_child",
+]
+
+STATE_SCHEMA = "pixicache.prefix-state/1"
+
+
+def records_digest(request: InstallRequest) -> tuple[str, list[str]]:
+    """The SHA-256 of the environment's conda record set, and the dist names
+    (``name-version-build``) its ``conda-meta`` must hold."""
+    packages = request.lock.packages(request.environment, request.platform)
+    rows = sorted(f"{p.url}\0{p.sha256 or ''}" for p in packages if p.kind == "conda")
+    dists = sorted(f"{p.name}-{p.version}-{p.build}" for p in packages if p.kind == "conda")
+    digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    return digest, dists
+
+
+def read_state(prefix: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The prefix marker written after the last successful install, if any."""
+    try:
+        data = json.loads((Path(prefix) / "conda-meta" / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _wanted_state(request: InstallRequest) -> dict[str, Any]:
+    digest, dists = records_digest(request)
+    return {
+        "schema": STATE_SCHEMA,
+        "installer": RattlerInstaller.name,
+        "environment": request.environment,
+        "platform": request.platform,
+        "records_sha256": digest,
+        "packages": dists,
+        "lock": str(request.lock.path),
+    }
+
+
+def prefix_is_current(request: InstallRequest) -> bool:
+    """True when the prefix holds exactly what the lock asks for (by its marker),
+    with every package record present in ``conda-meta`` (a cheap intactness check)."""
+    state = read_state(request.prefix)
+    if state is None:
+        return False
+    wanted = _wanted_state(request)
+    for key in ("schema", "platform", "records_sha256"):
+        if state.get(key) != wanted[key]:
+            return False
+    meta = Path(request.prefix) / "conda-meta"
+    try:
+        present = set(os.listdir(meta))
+    except OSError:
+        return False
+    return all(f"{d}.json" in present for d in wanted["packages"])
+
+
+def _explained(exc: InstallError, view: StoreView, artifacts: list[Artifact]) -> InstallError:
+    """The child's failure, with what the store view could not serve, and the
+    artifacts it names (by digest or file name) as :attr:`InstallError.suspects`."""
+    message = str(exc)
+    misses = view.misses
+    if misses:
+        lines = [message, "the node store view could not serve:"]
+        lines += [f"  {m.path}: {m.reason}" for m in misses[:10]]
+        message = "\n".join(lines)
+    suspects = {m.sha256 for m in misses if m.sha256}
+    suspects.update(a.sha256 for a in artifacts if a.sha256 in message or a.filename in message)
+    return InstallError(message, suspects=sorted(suspects))
+
+
+def _pypi_count(request: InstallRequest) -> int:
+    return sum(
+        1 for p in request.lock.packages(request.environment, request.platform) if p.kind == "pypi"
+    )
+
+
+class RattlerInstaller:
+    """Install with py-rattler, every archive from the node store (see the module doc).
+
+    Args:
+        guard: repair package-cache entries modified through a prefix's hard
+            links before linking from them (default on; see
+            :class:`~pixicache.backends.rattler.child.CacheGuard`).
+        timeout: seconds the install may take (``None``: no limit).
+    """
+
+    name: ClassVar[str] = "rattler"
+
+    def __init__(self, *, guard: bool = True, timeout: float | None = None) -> None:
+        self.guard = guard
+        self.timeout = timeout
+
+    @classmethod
+    def available(cls, request: InstallRequest) -> tuple[bool, str]:
+        """Available when py-rattler is installed and the environment has no PyPI packages."""
+        from pixicache.backends.rattler.probe import rattler_available
+
+        ok, why = rattler_available()
+        if not ok:
+            return False, why
+        pypi = _pypi_count(request)
+        if pypi:
+            return False, (
+                f"environment '{request.environment}' has {pypi} PyPI package(s), which "
+                "py-rattler does not install: use the pixi installer (--pixi PATH)"
+            )
+        return True, "py-rattler installs the lock's conda packages from the node store"
+
+    def up_to_date(self, request: InstallRequest) -> bool:
+        """Whether :meth:`install` would be a no-op (see :func:`prefix_is_current`)."""
+        return prefix_is_current(request)
+
+    def install(self, request: InstallRequest) -> InstallResult:
+        """Make ``request.prefix`` hold exactly the lock's environment.
+
+        Raises:
+            InstallError: py-rattler is unavailable or the install failed (the
+                message says what the store view could not serve, if anything).
+        """
+        start = time.monotonic()
+        prefix = Path(request.prefix).absolute()
+        packages = request.lock.packages(request.environment, request.platform)
+        if prefix_is_current(request):
+            return InstallResult(
+                installer=self.name,
+                prefix=prefix,
+                seconds=time.monotonic() - start,
+                changed=False,
+                packages=len(packages),
+                notes=["the prefix already holds this lock's environment (marker matches): no-op"],
+            )
+        ok, why = self.available(request)
+        if not ok:
+            raise InstallError(f"the rattler installer cannot run: {why}")
+        cache = Path(request.package_cache).absolute()
+        cache.mkdir(parents=True, exist_ok=True)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        artifacts = request.lock.artifacts(request.environment, request.platform)
+        view = StoreView(request.store, artifacts).start()
+        try:
+            payload = {
+                "lock": str(Path(request.lock.path).absolute()),
+                "environment": request.environment,
+                "platform": request.platform,
+                "prefix": str(prefix),
+                "package_cache": str(cache),
+                "mirrors": view.mirrors(request.channels()),
+                "state": _wanted_state(request),
+                "guard": self.guard,
+            }
+            try:
+                answer = run_child("install", payload, timeout=self.timeout)
+            except InstallError as exc:
+                raise _explained(exc, view, artifacts) from None
+            served = len([r for r in view.requests if r.status == 200])
+        finally:
+            # StoreView.stop() waits for its server loop's poll interval (0.1 s):
+            # nothing needs it any more, so it stops in the background.
+            threading.Thread(
+                target=view.stop, name="pixicache-store-view-stop", daemon=True
+            ).start()
+        notes = [
+            f"{answer.get('operations', 0)} link/unlink operation(s); {served} archive(s) from the store view"
+        ]
+        if answer.get("evicted"):
+            notes.append(
+                "repaired package-cache entries modified through a prefix's hard links: "
+                + ", ".join(answer["evicted"])
+            )
+        if answer.get("verified"):
+            notes.append(
+                f"verified {len(answer['verified'])} cache entr(ies) extracted by another tool"
+            )
+        if answer.get("timings"):
+            notes.append(
+                "py-rattler child (s): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in answer["timings"].items())
+            )
+        return InstallResult(
+            installer=self.name,
+            prefix=prefix,
+            seconds=time.monotonic() - start,
+            changed=bool(answer.get("operations")),
+            packages=len(packages),
+            notes=notes,
+        )

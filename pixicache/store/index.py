@@ -1,0 +1,144 @@
+"""The store's index: an SQLite database beside the blobs (``index.sqlite``, WAL mode).
+
+It maps upstream URLs to digests and records each blob's size and first and
+last use (``gc`` evicts by last use). It is a cache of facts the blobs
+themselves prove: losing it loses no data (a blob is present when its file is),
+and it is rebuilt as artifacts are used again.
+
+One connection per thread (SQLite connections are not shared between threads);
+the connection is opened on first use, so commands that only ask whether blobs
+exist (``plan``) never open the database.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pixicache.errors import StoreError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256 TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    first_use REAL NOT NULL,
+    last_use REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS urls (
+    url TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS blobs_last_use ON blobs(last_use);
+"""
+
+_UPSERT_BLOB = (
+    "INSERT INTO blobs(sha256, size, first_use, last_use) VALUES (?,?,?,?) "
+    "ON CONFLICT(sha256) DO UPDATE SET last_use=excluded.last_use"
+)
+
+
+class Index:
+    """The URL → digest and last-use records of one store.
+
+    Args:
+        path: the database file (created by :meth:`create`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._local = threading.local()
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+                conn.execute("PRAGMA busy_timeout=60000")
+                conn.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            self._local.conn = conn
+        return conn
+
+    def create(self) -> None:
+        """Set the database up (WAL journal, tables); idempotent."""
+        try:
+            conn = self.connection()
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise self._error(exc) from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A connection for one write; SQLite's own errors become :class:`StoreError`."""
+        try:
+            yield self.connection()
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        text = str(exc)
+        if "readonly" in text or "unable to open" in text:
+            return StoreError(
+                f"the store index {self.path} cannot be written by this user ({text}): "
+                "give the store's group write access to it and to its -wal/-shm files "
+                "(see 'A store shared by several users' in the README)"
+            )
+        return StoreError(
+            f"the store index {self.path} is unusable ({text}); move it aside: "
+            "it is rebuilt from the blobs as they are used"
+        )
+
+    # -- records -----------------------------------------------------------------------
+    def record(self, sha256: str, size: int, *, url: str | None = None) -> None:
+        """Note that ``sha256`` (of ``size`` bytes) is present and was used now."""
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(_UPSERT_BLOB, (sha256, size, now, now))
+            if url:
+                conn.execute("INSERT OR REPLACE INTO urls(url, sha256) VALUES (?,?)", (url, sha256))
+
+    def touch(self, rows: Iterable[tuple[str, int, str | None]]) -> None:
+        """Record a use of present blobs: ``(sha256, size, url)`` rows, one transaction."""
+        now = time.time()
+        items = list(rows)
+        with self._write() as conn:
+            conn.execute("BEGIN")
+            try:
+                conn.executemany(_UPSERT_BLOB, [(s, n, now, now) for s, n, _ in items])
+                conn.executemany(
+                    "INSERT OR REPLACE INTO urls(url, sha256) VALUES (?,?)",
+                    [(u, s) for s, _, u in items if u],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def forget(self, sha256: str) -> None:
+        """Drop every record of ``sha256`` (the blob was removed or quarantined)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM blobs WHERE sha256=?", (sha256,))
+            conn.execute("DELETE FROM urls WHERE sha256=?", (sha256,))
+
+    # -- queries -----------------------------------------------------------------------
+    def lookup_url(self, url: str) -> str | None:
+        """The digest last stored for ``url``, if any."""
+        with self._write() as conn:
+            row = conn.execute("SELECT sha256 FROM urls WHERE url=?", (url,)).fetchone()
+        return row[0] if row else None
+
+    def last_use(self) -> dict[str, float]:
+        """``{sha256: last use}`` for every recorded blob."""
+        with self._write() as conn:
+            return dict(conn.execute("SELECT sha256, last_use FROM blobs").fetchall())
+
+    def url_count(self) -> int:
+        with self._write() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM urls").fetchone()[0])
