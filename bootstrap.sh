@@ -3,8 +3,8 @@
 #
 # On the execute node it needs only bash, coreutils and python3 >= 3.9. It
 #   1. prints where it runs: host, time, GPUs assigned, scratch dir, free disk;
-#   2. finds python3 >= 3.9 (>= 3.10 preferred: the agent's rattler installer needs it;
-#      on 3.9 the agent installs with a verified Pixi and says so);
+#   2. finds python3 >= 3.9 (the newest of the usual names; EL9's python3 is 3.9, for
+#      which the bundle carries a py-rattler build of its own);
 #   3. obtains the agent as one file: pixicache.pyz transferred with the job, or fetched
 #      from $PIXICACHE_AGENT_URL (default $PIXICACHE_MIRROR/agent/pixicache.pyz); either
 #      way it must match PIXICACHE_AGENT_SHA256 when that is set, and a fetched agent
@@ -13,8 +13,15 @@
 #   5. runs `pixicache run ${PIXICACHE_TASK:-train} "$@"` (the job's arguments go to the
 #      task), forwarding SIGTERM/SIGINT/SIGHUP (eviction, condor_rm) to the agent, which
 #      forwards them to the task;
-#   6. explains the agent's exit code in words and exits with it. mnist_cnn.pt and
-#      pixicache-report.json stay in the scratch dir for output transfer.
+#   6. explains the agent's exit code in words and exits with it.
+#
+# Outputs: the directory out/ is created first thing and holds, whatever happens,
+# pixicache-report.json (the agent's, or a short one of bootstrap.sh's own when the
+# agent never ran) and the files named in PIXICACHE_OUTPUTS (default mnist_cnn.pt) that
+# the task wrote. mnist_gpu.sub transfers out/, so a failed job never goes on hold for a
+# missing output file. Where HTCondor's chirp is available, the exit code, who produced
+# it (task, agent or bootstrap) and the agent's message go into the job ad
+# (ChirpExitCode, ChirpExitSource, ChirpExitReason) for the submit file's hold reason.
 #
 # Environment (set in the submit file's `environment`, or by the site):
 #   PIXICACHE_MIRROR        the site mirror (`pixicache serve`), e.g. http://mirror:8080
@@ -30,6 +37,7 @@
 #   PIXICACHE_AGENT_URL     where to fetch the agent from (default: see above)
 #   PIXICACHE_PYTHON        the interpreter to use (default: the newest python3 found)
 #   PIXICACHE_TASK          the manifest's task to run (default: train)
+#   PIXICACHE_OUTPUTS       files the task writes that go into out/ (default: mnist_cnn.pt)
 #
 # Exit codes: the task's own code when it ran; otherwise the agent's (pixicache/errors.py):
 #   2 bad manifest/lock, 3 download failed, 4 digest mismatch, 5 install failed,
@@ -41,16 +49,62 @@ set -euo pipefail
 
 say() { printf 'bootstrap: %s\n' "$*"; }
 warn() { printf 'bootstrap: %s\n' "$*" >&2; }
+failure=     # why bootstrap.sh itself stopped (for out/pixicache-report.json and the job ad)
+exit_source=bootstrap
+exit_reason=
 die() {
   local code=$1
   shift
+  failure="$*"
   printf 'bootstrap: ERROR: %s\n' "$*" >&2
   exit "$code"
 }
+# shellcheck disable=SC2317  # called from finish (the EXIT trap)
+json_string() { # a JSON string literal of $1 (one line)
+  local s=${1//\\/\\\\}
+  s=${s//\"/\\\"}
+  printf '"%s"' "$(printf '%s' "$s" | tr '\n\r\t' '   ' | tr -d '\000-\037')"
+}
+# shellcheck disable=SC2317  # called from finish (the EXIT trap)
+chirp() { # chirp ATTR VALUE: put ATTR into the job ad when the job exits (best effort)
+  [ -n "${_CONDOR_CHIRP_CONFIG:-}" ] || return 0
+  local exe libexec
+  exe=$(command -v condor_chirp 2>/dev/null) || exe=
+  if [ -z "$exe" ]; then
+    libexec=$(condor_config_val LIBEXEC 2>/dev/null) || libexec=/usr/libexec/condor
+    exe=$libexec/condor_chirp
+  fi
+  [ -x "$exe" ] || return 0
+  timeout 20 "$exe" set_job_attr_delayed "$1" "$2" >/dev/null 2>&1 || true
+}
+# shellcheck disable=SC2317  # run by the EXIT trap
+finish() {
+  local rc=$? out
+  trap - EXIT
+  mkdir -p out 2>/dev/null || true
+  for out in ${PIXICACHE_OUTPUTS:-mnist_cnn.pt}; do
+    if [ -f "$out" ]; then mv -f "$out" out/ 2>/dev/null || cp -f "$out" out/ || true; fi
+  done
+  if [ -f pixicache-report.json ]; then
+    mv -f pixicache-report.json out/ 2>/dev/null || cp -f pixicache-report.json out/ || true
+  elif [ ! -f out/pixicache-report.json ]; then
+    printf '{"schema": "pixicache.report/1", "command": "bootstrap", "exit_code": %d, "error": {"type": "BootstrapError", "message": %s, "exit_code": %d}, "notes": []}\n' \
+      "$rc" "$(json_string "${failure:-bootstrap.sh stopped with exit code $rc}")" "$rc" >out/pixicache-report.json || true
+  fi
+  chirp ChirpExitCode "$rc"
+  chirp ChirpExitSource "$(json_string "$exit_source")"
+  if [ -n "${failure:-$exit_reason}" ]; then
+    chirp ChirpExitReason "$(json_string "$(printf '%.300s' "${failure:-$exit_reason}")")"
+  fi
+  exit "$rc"
+}
+trap finish EXIT
 
 # ---- 1. where are we ----------------------------------------------------------------
 scratch=${_CONDOR_SCRATCH_DIR:-$PWD}
 cd "$scratch"
+mkdir -p out
+rm -f out/pixicache-report.json # a stale one (a restarted job) would describe another run
 say "host $(hostname 2>/dev/null || uname -n) ($(uname -sm)), $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 say "scratch dir $scratch ($(df -Ph . 2>/dev/null | awk 'NR==2 {print $4 " free on " $6}'))"
 say "GPUs assigned: _CONDOR_AssignedGPUs='${_CONDOR_AssignedGPUs:-}' CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES:-}'"
@@ -87,9 +141,6 @@ if [ -z "$python" ]; then
     "or set PIXICACHE_PYTHON in the submit file's environment to one that the nodes have."
 fi
 say "python: $python ($((best / 100)).$((best % 100)))"
-if [ "$best" -lt 310 ]; then
-  say "note: Python < 3.10: the agent cannot use its rattler installer here and will use a verified Pixi"
-fi
 
 # ---- 3. the agent, one file ---------------------------------------------------------
 sha256_of() {
@@ -231,15 +282,24 @@ print("packages: %d needed; from %s" % (count, ", ".join(parts) or "nowhere"))
 err = (r.get("error") or {}).get("message") or ""
 for line in [l.strip() for l in err.splitlines() if l.strip().startswith("- ")][:3]:
     print("reason: " + line[2:])
+first = " ".join(err.split("\n", 1)[0].split())
+if first:
+    print("error: " + first[:300])
 PY
 )
   who=${summary%%$'\n'*}
   if [ "$summary" != "$who" ]; then
-    while IFS= read -r line; do say "$line"; done <<<"${summary#*$'\n'}"
+    while IFS= read -r line; do
+      case "$line" in
+        "error: "*) exit_reason=${line#error: } ;;
+        *) say "$line" ;;
+      esac
+    done <<<"${summary#*$'\n'}"
   fi
 fi
-for out in mnist_cnn.pt "$report"; do
-  if [ -f "$out" ]; then say "output: $out ($(du -h "$out" | cut -f1))"; fi
+exit_source=${who:-agent}
+for out in ${PIXICACHE_OUTPUTS:-mnist_cnn.pt} "$report"; do
+  if [ -f "$out" ]; then say "output: out/$out ($(du -h "$out" | cut -f1))"; fi
 done
 
 if [ "$rc" -eq 0 ]; then

@@ -35,6 +35,12 @@ class PixicacheError(Exception):
     exit_code: int = 1
 
 
+class Interrupted(PixicacheError):
+    """A signal asked pixicache to stop (the agent's SIGTERM/SIGINT/SIGHUP handler raises a
+    subclass, from wherever the main thread is). Code that catches broad exceptions on
+    purpose (a plugin failing to import) must let it through."""
+
+
 class UsageError(PixicacheError):
     """The command line or its arguments are wrong."""
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from pixicache.errors import PluginError
+from pixicache.errors import Interrupted, PluginError
 
 __all__ = ["Plugin", "PluginGroup", "PluginSet", "plugins", "protocol_members"]
 
@@ -180,6 +180,8 @@ def _load(group: PluginGroup, ep: metadata.EntryPoint, dist: str) -> Plugin:
     plugin = Plugin(ep.name, group.group, ep.value, dist)
     try:
         obj = ep.load()
+    except Interrupted:  # a signal arrived while importing: not the plugin's fault
+        raise
     except Exception as exc:  # a third party's import error must not break pixicache
         plugin.error = f"importing it failed: {type(exc).__name__}: {exc}"
         return plugin

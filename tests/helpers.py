@@ -57,3 +57,22 @@ def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)
     proc.wait(timeout=30)
+
+
+WHEELHOUSE = Path(
+    os.environ.get("PIXICACHE_TEST_WHEELHOUSE", Path.home() / ".cache" / "pixicache-test-wheels")
+)
+"""Where the pinned wheels of a ``pixicache bundle`` are kept between test runs."""
+
+
+def pinned_bundle(out: Path):
+    """The agent as ``pixicache bundle`` builds it (the pinned wheels for Python >= 3.9 and
+    both py-rattler builds, downloaded from PyPI once); skips the test if PyPI cannot be reached."""
+    import pytest
+
+    from pixicache.bundle.build import build_bundle
+
+    try:
+        return build_bundle(out, source="pypi", wheelhouse=WHEELHOUSE, compresslevel=1)
+    except Exception as exc:
+        pytest.skip(f"the pinned wheels could not be downloaded from PyPI: {exc}")

@@ -35,6 +35,7 @@ from pixicache.bundle.runtime import _rattler_status
 from pixicache.testing import Channel, UpstreamServer, build_channel, demo_channel_specs
 from pixicache.testing.condor import JOB_PATH, starter_environment, write_ads
 from pixicache.testing.condor import job_python as find_job_python
+from pixicache.testing.server import mirrored_upstream
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = REPO / "bootstrap.sh"
@@ -135,20 +136,8 @@ class Mirror:
 @pytest.fixture
 def mirror(channel: Channel, tmp_path: Path) -> Iterator[Mirror]:
     """A real `pixicache serve` mirror (cold) in front of a counting upstream."""
-    with UpstreamServer(channel.root) as upstream:
-        try:
-            from pixicache.serve import ServeConfig, Upstream, start_background
-        except ImportError:  # pragma: no cover - serve extra not installed
-            yield Mirror(upstream.url, upstream)
-            return
-        cfg = ServeConfig(
-            cache_dir=tmp_path / "mirror-store",
-            port=0,
-            upstreams=[Upstream.make("conda-forge", upstream.url + "/conda-forge")],
-            log_requests=False,
-        )
-        with start_background(cfg) as srv:
-            yield Mirror(srv.url.rstrip("/"), upstream)
+    with mirrored_upstream(channel.root, tmp_path / "mirror-store") as (url, upstream):
+        yield Mirror(url, upstream)
 
 
 @pytest.fixture
@@ -308,12 +297,13 @@ def test_bundle_holds_the_agent_and_nothing_else(bundle: BundleInfo) -> None:
         "site/httpx/__init__.py",
     } <= names
     assert "site/pixicache/backends/rattler/child.py" in names
-    assert any(n.startswith("rattler/rattler/") and n.endswith(".so") for n in names)
+    assert any(n.startswith("rattler/cp") and "/rattler/" in n and n.endswith(".so") for n in names)
     tops = {n.split("/")[1] for n in names if n.startswith("site/")}
     assert not tops & {"zstandard", "aiohttp", "pygments", "markdown_it", "torch", "_pytest"}, tops
     assert not any(n.startswith("site/pixicache/testing/") for n in names)
     assert not any(n.endswith((".pyc", ".so")) for n in names if n.startswith("site/"))
-    assert meta["build_id"] == bundle.build_id and meta["rattler"]["version"] == bundle.rattler
+    assert meta["build_id"] == bundle.build_id
+    assert tuple(b["version"] for b in meta["rattler"]) == bundle.rattler
     assert bundle.packages["pixicache"] == meta["pixicache"]
 
 
@@ -352,7 +342,8 @@ def test_bundle_runs_isolated_with_no_site_packages(
         "sys_path"
     ]
     assert info["rattler"]["ok"], info["rattler"]["reason"]  # CPython >= 3.10 on linux x86_64
-    assert (home / "site" / "pixicache" / "backends" / "rattler" / "rattler" / "__init__.py").is_file()
+    assert (Path(info["rattler"]["dir"]) / "rattler" / "__init__.py").is_file()
+    assert Path(info["rattler"]["dir"]).parent == home
 
     # The agent's commands are there, and run from the unpacked files.
     for command in ("run", "install"):
@@ -385,11 +376,9 @@ def test_bundle_unpacks_once_when_jobs_start_together(
         assert rc == 0, err
         assert json.loads(out)["home"] == str(root / bundle.build_id)
     home = root / bundle.build_id
-    assert unpacked_parts(home) == ["rattler", "site"]
-    markers = [
-        json.loads((home / part / ".pixicache-unpacked").read_text())
-        for part in ("site", "rattler")
-    ]
+    parts = unpacked_parts(home)
+    assert len(parts) == 2 and parts[0].startswith("rattler-cp") and parts[1] == "site", parts
+    markers = [json.loads((home / part / ".pixicache-unpacked").read_text()) for part in parts]
     assert all(m["files"] > 0 for m in markers)
     assert (
         sum(err.count("unpacked bundle") for (_, err), _ in results) <= 2
@@ -414,19 +403,19 @@ def test_bundle_without_rattler_says_why(job_python: JobPython, tmp_path: Path) 
         "reason": "this bundle was built without py-rattler (pixicache bundle --no-rattler)",
         "dir": None,
     }
-    assert not any(p.endswith("/rattler") for p in info["sys_path"]), info["sys_path"]
+    assert not any("/rattler-" in p for p in info["sys_path"]), info["sys_path"]
 
 
 def test_a_rattler_that_cannot_load_is_left_off_and_explained(tmp_path: Path) -> None:
     """The probe runs in a child process; its verdict is cached per interpreter."""
     home = tmp_path / "home"
-    pkg = home / "rattler" / "rattler"
+    pkg = home / "rattler-cp38" / "rattler"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(
         "raise ImportError('libfoo.so.1: cannot open shared object file')\n"
     )
-    (home / "rattler" / ".pixicache-unpacked").write_text("{}")
-    meta = {"rattler": {"version": "0.28.0"}}
+    (home / "rattler-cp38" / ".pixicache-unpacked").write_text("{}")
+    meta = {"rattler": [{"tag": "cp38", "version": "0.25.0", "min_python": [3, 8]}]}
     ok, reason, rdir, _ = _rattler_status(str(tmp_path / "unused.pyz"), meta, home)
     assert (ok, rdir) == (False, None)
     assert "cannot be loaded by" in reason and "libfoo.so.1" in reason
@@ -465,7 +454,10 @@ def test_agent_digest_mismatch_is_a_hard_error(
     job = run_job(sb, env)
     assert job.rc == 4, job.explain()
     assert bundle.sha256 in job.stderr and wrong in job.stderr
-    assert not (sb / "pixicache-report.json").exists()  # the agent never ran
+    # the agent never ran: bootstrap.sh's own short report says why
+    report = json.loads((sb / "out" / "pixicache-report.json").read_text())
+    assert report["command"] == "bootstrap" and report["exit_code"] == 4
+    assert wrong in report["error"]["message"]
 
 
 def test_agent_fetched_from_the_mirror_and_verified(
@@ -520,6 +512,41 @@ def test_unreachable_mirror_is_explained(
     assert "pixicache failed (exit 8): preflight" in job.stderr
 
 
+CHIRP_STANDIN = """#!/bin/sh
+# condor_chirp as the starter provides it: records what the job asks for.
+printf '%s\\t%s\\t%s\\n' "$1" "$2" "$3" >> "$CHIRP_RECORD"
+"""
+
+
+def test_a_failed_job_leaves_its_report_and_tells_the_job_ad_why(
+    bundle: BundleInfo, lock: Path, job_python: JobPython, bundle_dir: Path, tmp_path: Path
+) -> None:
+    """No hold for a missing output: out/ exists with the report, the model is absent,
+    and the exit code, its source and the agent's message are chirped for the hold reason."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    libexec = tmp_path / "libexec"
+    libexec.mkdir()
+    (libexec / "condor_chirp").write_text(CHIRP_STANDIN)
+    (libexec / "condor_chirp").chmod(0o755)
+    record = tmp_path / "chirped.tsv"
+    sb = make_sandbox(tmp_path, "dir_1", bundle, lock)
+    env = job_env(sb, job_python, store=tmp_path / "store", mirror=url, PIXICACHE_BUNDLE_DIR=str(bundle_dir))
+    env.update(PATH=f"{libexec}:{env['PATH']}", _CONDOR_CHIRP_CONFIG=str(sb / ".chirp.config"),
+               CHIRP_RECORD=str(record))
+    job = run_job(sb, env)
+    assert job.rc == 8, job.explain()
+    assert sorted(p.name for p in (sb / "out").iterdir()) == ["pixicache-report.json"]
+    report = json.loads((sb / "out" / "pixicache-report.json").read_text())
+    assert report["exit_code"] == 8 and report["error"]["type"] == "PreflightError"
+    calls = [line.split("\t") for line in record.read_text().splitlines()]
+    assert all(c[0] == "set_job_attr_delayed" for c in calls)
+    chirped = {c[1]: c[2] for c in calls}
+    assert chirped["ChirpExitCode"] == "8" and chirped["ChirpExitSource"] == '"agent"'
+    assert chirped["ChirpExitReason"].startswith('"preflight failed on ')
+
+
 def test_task_exit_code_is_passed_through_and_not_mistaken_for_the_agents(
     bundle: BundleInfo,
     lock: Path,
@@ -572,9 +599,9 @@ def test_sigterm_reaches_the_task_and_its_code_comes_back(
 def check_outputs(sb: Path, job: Job) -> dict:
     """The job's outputs for transfer: the model and the report."""
     assert job.rc == 0, job.explain()
-    model = sb / "mnist_cnn.pt"
+    model = sb / "out" / "mnist_cnn.pt"
     assert model.is_file() and zipfile.is_zipfile(model), "mnist_cnn.pt is not a torch.save file"
-    report = json.loads((sb / "pixicache-report.json").read_text())
+    report = json.loads((sb / "out" / "pixicache-report.json").read_text())
     assert report["exit_code"] == 0 and report["task"]["exit_code"] == 0
     assert report["task"]["name"] == "train"
     assert report["gpus"]["_CONDOR_AssignedGPUs"] in ("", None)
@@ -648,7 +675,8 @@ def test_ten_job_sandboxes_share_one_node_store(
         assert r["tiers"]["mirror"]["artifacts"] + r["tiers"]["store"]["artifacts"] == n, r["tiers"]
     for path in channel_paths(channel):
         assert mirror.upstream.count(path) == 1, path  # and the mirror fetched it once upstream
-    assert unpacked_parts(store / "bundle" / bundle.build_id) == ["rattler", "site"]
+    parts = unpacked_parts(store / "bundle" / bundle.build_id)
+    assert len(parts) == 2 and parts[0].startswith("rattler-cp") and parts[1] == "site", parts
     unpacks = sum(job.stderr.count("unpacked bundle") for job in jobs)
     assert 1 <= unpacks <= 2, unpacks  # site (and rattler), by whichever job came first
     print(

@@ -211,3 +211,24 @@ def test_a_failed_install_reverifies_only_the_suspects(tmp_path, demo_lock, demo
         agent.install(ws / "pixi.toml", options=agent.AgentOptions(settings, preflight=False))
     assert verified == [[suspect]]
     assert len(artifacts) > 1
+
+
+def test_a_signal_while_a_plugin_imports_is_not_mistaken_for_a_broken_plugin(tmp_path, monkeypatch):
+    """SIGTERM (eviction) raised in the middle of a plugin's import stops the agent."""
+    from pixicache.agent.signals import AgentInterrupted
+
+    site = tmp_path / "site"
+    _fake_distribution(
+        site, "slow-source", "pixicache.sources", "slow", "slow_source_mod",
+        "import signal\nfrom pixicache.agent.signals import AgentInterrupted\n"
+        "raise AgentInterrupted(signal.SIGTERM)\n",
+    )
+    monkeypatch.syspath_prepend(str(site))
+    reset_cache()
+    try:
+        from pixicache.plugins import plugins
+
+        with pytest.raises(AgentInterrupted):
+            plugins(PluginGroup("pixicache.sources", "source", SourceFactory))
+    finally:
+        reset_cache()

@@ -226,3 +226,74 @@ def test_a_mirror_asking_for_too_long_a_pause_is_skipped(store, data):
     (r,) = f.fetch([art]).results
     assert r.ok and r.tier == "upstream" and f.sleeps == []
     assert "3600" in r.attempts[0] and "30 s" in r.attempts[0]
+
+
+# -- failover you can see -------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: connections are refused
+
+
+def test_a_refused_mirror_moves_on_at_once_and_the_report_says_so(store, data, demo_lock, demo_upstream):
+    """A real refused connection (a closed port), then the real upstream: no retry, no
+    backoff, and the summary names the mirror that was down and who served instead."""
+    from pixicache.cli.common import format_summary
+    from pixicache.model.lockfile import Lock
+    from pixicache.sources.http import MirrorSource as Mirror
+
+    dead = Mirror(f"http://127.0.0.1:{_closed_port()}")
+    live = Mirror(demo_upstream.url)
+    f = fetcher(store, dead, live)
+    report = f.fetch(Lock.load(demo_lock).artifacts())
+    assert report.ok
+    assert f.sleeps == []  # not one backoff pause
+    assert report.sources[dead.label]["requests"] == 1  # given up after one refusal
+    assert report.sources[dead.label]["retries"] == 0
+    assert report.sources[live.label]["served"] == len(report.results)
+    assert dead.label in report.down and "refused" in report.down[dead.label]
+    text = format_summary(report)
+    assert f"{dead.label} was down" in text and f"served instead by: {live.label}" in text
+
+
+@respx.mock
+def test_the_last_source_left_keeps_its_retries_when_refused(store, data):
+    """A restarting mirror that is the only source is asked again (with backoff)."""
+    art = artifact_for(data, UP)
+    route = respx.get(MIRROR_URL)
+    route.side_effect = [httpx.ConnectError("[Errno 111] Connection refused"), httpx.Response(200, content=data)]
+    f = fetcher(store, MirrorSource(MIRROR))
+    report = f.fetch([art])
+    assert report.ok and route.call_count == 2 and len(f.sleeps) == 1
+
+
+@respx.mock
+def test_timeouts_and_5xx_keep_their_retries_before_the_next_source(store, data):
+    art = artifact_for(data, UP)
+    respx.get(MIRROR_URL).side_effect = [httpx.ReadTimeout("slow"), httpx.Response(503), httpx.Response(200, content=data)]
+    respx.get(UP).respond(200, content=data)
+    f = fetcher(store, MirrorSource(MIRROR), UpstreamSource())
+    (r,) = f.fetch([art]).results
+    assert r.ok and r.tier == "mirror" and len(f.sleeps) == 2
+
+
+def test_the_mirrors_own_reason_is_shown_not_a_bare_status(tmp_path, store, data, demo_upstream):
+    """A real `pixicache serve` refuses a URL outside its upstreams: its reason reaches the user."""
+    pytest.importorskip("aiohttp", reason="the mirror is `pixicache serve` (the serve extra)")
+    from pixicache.serve import ServeConfig, Upstream, start_background
+    from pixicache.sources.http import DigestSource
+
+    art = artifact_for(data, "https://elsewhere.example/conda-forge/linux-64/pkg-1.0-0.conda")
+    cfg = ServeConfig(
+        cache_dir=tmp_path / "mirror",
+        port=0,
+        upstreams=[Upstream.make("conda-forge", demo_upstream.channel_url())],
+    )
+    with start_background(cfg) as srv:
+        (r,) = fetcher(store, DigestSource(srv.url)).fetch([art]).results
+    assert not r.ok
+    assert "HTTP 403: " in r.attempts[0] and "not under an upstream" in r.attempts[0], r.attempts

@@ -187,7 +187,8 @@ def test_install_runs_pixi_frozen_with_every_channel_mirrored_to_the_store_view(
     assert rec["cwd"] == str(ws.ws)
     assert not Path(config_file).exists()  # the temporary config is removed afterwards
     env = rec["env"]
-    assert env["PIXI_CACHE_DIR"] == env["RATTLER_CACHE_DIR"] == str(ws.tmp / "pkgs")
+    # Pixi appends pkgs/ itself: it and the rattler installer share <cache>/pkgs
+    assert env["PIXI_CACHE_DIR"] == env["RATTLER_CACHE_DIR"] == str(ws.tmp)
     assert env["PIXI_NO_PROGRESS"] == "1"
     assert env["NO_PROXY"] == "proxy-exempt.example.org,127.0.0.1,localhost"
     assert "PIXI_FROZEN" not in env and "PIXI_LOCKED" not in env

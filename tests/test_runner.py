@@ -108,7 +108,7 @@ def test_manifest_reads_task_forms_and_environments(workspace):
     assert "train" in m.tasks_for("cuda") and "train" not in m.tasks_for("default")
     with pytest.raises(TaskError, match=r"no task 'train' in environment 'default'.*-e cuda"):
         m.task("train")
-    with pytest.raises(TaskError, match="no environment 'gpu'"):
+    with pytest.raises(LockError, match="no environment 'gpu'"):  # exit 2, as `plan` says it
         m.task("hello", "gpu")
 
 
@@ -160,7 +160,10 @@ def test_a_bad_manifest_is_a_lock_error(tmp_path):
     with pytest.raises(LockError, match="not valid TOML"):
         Manifest.parse("[tasks\n", tmp_path / "pixi.toml")
     with pytest.raises(LockError, match="no dashes"):
-        Manifest.parse('[tasks]\nt = { cmd = "x", args = ["a-b"] }\n', tmp_path / "pixi.toml")
+        Manifest.parse(
+            '[workspace]\nname = "w"\n[tasks]\nt = { cmd = "x", args = ["a-b"] }\n',
+            tmp_path / "pixi.toml",
+        )
 
 
 # -- the native runner ----------------------------------------------------------------------

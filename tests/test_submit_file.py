@@ -111,6 +111,7 @@ def gpu_slot(
         textwrap.dedent(
             f"""[
             MyType = "Machine"; Name = "slot1@gpu-node.example.org"; SlotType = "Partitionable";
+            Machine = "gpu-node.example.org";
             OpSys = "LINUX"; Arch = "{arch}"; HasFileTransfer = true;
             Cpus = {cpus}; Memory = {slot_memory_mb}; Disk = {disk_kib};
             GPUs = {gpus}; TotalGPUs = {gpus}; AvailableGPUs = {available};
@@ -144,7 +145,9 @@ def test_job_ad_basics(jobs: list[Any]) -> None:
     assert job["RequestMemory"] >= 4096  # MiB
     assert job["RequestDisk"] >= 12 * 2**20  # KiB: the installed prefix alone is ~9-11 GB
     assert job["ShouldTransferFiles"] == "YES"
-    assert job["TransferOutput"].split(",") == ["mnist_cnn.pt", "pixicache-report.json"]
+    # the directory bootstrap.sh always creates (the model and the report inside it):
+    # a failed job is never held for a missing output file
+    assert job["TransferOutput"] == "out"
 
 
 def test_each_job_has_its_own_logs_and_outputs(jobs: list[Any]) -> None:
@@ -152,7 +155,7 @@ def test_each_job_has_its_own_logs_and_outputs(jobs: list[Any]) -> None:
         values = [ad[attr] for ad in jobs]
         assert len(set(values)) == len(jobs), f"{attr} is shared between jobs: {values}"
     assert all(Path(ad["Out"]).parent.name == "logs" for ad in jobs)
-    assert "results/1.2.mnist_cnn.pt" in jobs[2]["TransferOutputRemaps"]
+    assert jobs[2]["TransferOutputRemaps"] == "out = results/1.2"
 
 
 def test_environment_carries_the_mirror_from_one_macro(
@@ -300,3 +303,108 @@ def test_pixi_tasks_run_the_training_program_with_valid_flags() -> None:
     train = tasks["train"]["cmd"].split()
     assert "--require-cuda" in train and "--save-model" in train
     assert "--gpu-check" in tasks["gpu-check"]["cmd"].split()
+
+
+# -- the exit-code policy ---------------------------------------------------------------------
+
+# Every documented exit code (pixicache/errors.py, the README's table), what the job does.
+POLICY = {
+    0: "done",
+    1: "hold",
+    2: "hold",
+    3: "retry",
+    4: "hold",
+    5: "hold",
+    6: "hold",
+    7: "retry-elsewhere",
+    8: "retry-elsewhere",
+    9: "hold",
+}
+
+
+def exit_ad(job: Any, code: int | None = None, *, signal: int | None = None, run: int = 1,
+            chirp: tuple[str, str] | None = None) -> Any:
+    """The job's ad as the shadow has it when a run ends: exit code (or signal),
+    NumJobCompletions, the machine, and what bootstrap.sh chirped."""
+    ad = classad2.parseOne(str(job))
+    ad["ExitBySignal"] = signal is not None
+    if signal is not None:
+        ad["ExitSignal"] = signal
+    else:
+        ad["ExitCode"] = code
+    ad["NumJobCompletions"] = run
+    ad["RemoteHost"] = "slot1_2@node17.example.org"
+    if chirp is not None:
+        ad["ChirpExitCode"] = 128 + signal if signal is not None else code
+        ad["ChirpExitSource"], ad["ChirpExitReason"] = chirp
+    return ad
+
+
+def outcome(ad: Any) -> str:
+    """What the shadow does (OnExitHold first, then OnExitRemove: user_job_policy.cpp)."""
+    if ad.eval("OnExitHold") is True:
+        return "hold"
+    return "done" if ad.eval("OnExitRemove") is not False else "requeue"
+
+
+@pytest.mark.parametrize("code", sorted(POLICY))
+def test_every_agent_exit_code_has_a_policy(jobs: list[Any], code: int) -> None:
+    job = jobs[0]
+    first = outcome(exit_ad(job, code, chirp=("agent", f"what the agent said about {code}")))
+    want = POLICY[code]
+    if want in ("retry", "retry-elsewhere"):
+        assert first == "requeue", code
+        limit = {"retry": int(submit_macro("DL_RETRIES")) + 1, "retry-elsewhere": int(submit_macro("NODE_ATTEMPTS"))}[want]
+        runs = [outcome(exit_ad(job, code, run=n)) for n in range(1, limit + 1)]
+        assert runs == ["requeue"] * (limit - 1) + ["hold"], (code, runs)
+    else:
+        assert first == want, code
+    if first == "hold":
+        ad = exit_ad(job, code, chirp=("agent", "1 artifact(s) could not be fetched: x.conda"))
+        reason = ad.eval("OnExitHoldReason")
+        assert reason.startswith(f"exit code {code}: ") and "on slot1_2@node17.example.org" in reason
+        assert reason.endswith("-- 1 artifact(s) could not be fetched: x.conda")
+        assert ad.eval("OnExitHoldSubCode") == code
+
+
+def test_hold_reasons_say_what_each_code_means(jobs: list[Any]) -> None:
+    reasons = {c: exit_ad(jobs[0], c).eval("OnExitHoldReason") for c in POLICY if c}
+    assert "integrity failure (SHA-256 mismatch)" in reasons[4]
+    assert "pixi.toml or pixi.lock cannot be used" in reasons[2]
+    assert "internal error in pixicache" in reasons[1]
+    assert " -- " not in reasons[4]  # nothing chirped: no agent message to add
+
+
+def test_a_task_s_own_failure_is_held_even_with_an_agent_like_code(jobs: list[Any]) -> None:
+    job = jobs[0]
+    assert outcome(exit_ad(job, 42)) == "hold"
+    ad = exit_ad(job, 3, chirp=("task", "the task exited 3"))
+    assert outcome(ad) == "hold" and "the task failed" in ad.eval("OnExitHoldReason")
+    # an agent-like 3 without chirp is taken as a download failure (retried)
+    assert outcome(exit_ad(job, 3)) == "requeue"
+    # a stale chirp from an earlier run (another code) does not count
+    stale = exit_ad(job, 3, chirp=("task", "old"))
+    stale["ChirpExitCode"] = 8
+    assert outcome(stale) == "requeue"
+
+
+def test_signals_from_outside_htcondor_are_retried_then_held(jobs: list[Any]) -> None:
+    job = jobs[0]
+    limit = int(submit_macro("KILL_RETRIES"))
+    assert outcome(exit_ad(job, signal=15, run=1)) == "requeue"
+    assert outcome(exit_ad(job, signal=15, run=limit)) == "requeue"
+    ad = exit_ad(job, signal=9, run=limit + 1)
+    assert outcome(ad) == "hold" and ad.eval("OnExitHoldReason").startswith("killed by signal 9")
+    assert outcome(exit_ad(job, signal=11)) == "hold"  # a crash (SIGSEGV) is the task's failure
+
+
+def test_a_node_that_cannot_run_the_job_is_avoided_next_time(jobs: list[Any]) -> None:
+    job = exit_ad(jobs[0], 8)
+    job["MachineAttrMachine1"] = "gpu-node.example.org"  # the machine of the run that exited 8
+    assert not job_matches(job, gpu_slot())  # gpu_slot() is that machine
+    other = gpu_slot()
+    other["Machine"] = "other-node.example.org"
+    assert job_matches(job, other)
+    ok = exit_ad(jobs[0], 0)
+    ok["MachineAttrMachine1"] = "gpu-node.example.org"
+    assert job_matches(ok, gpu_slot())  # only exits 7/8 avoid the last machines

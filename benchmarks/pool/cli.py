@@ -51,6 +51,24 @@ def main(argv: list[str] | None = None) -> int:
         "--bundle", type=Path, default=None, help="a built pixicache.pyz (default: build one)"
     )
     parser.add_argument(
+        "--worker-python",
+        default=None,
+        metavar="PY",
+        help="the jobs' python3, a path or a version (3.9: EL9's, from pyenv): it is the only "
+        "python3 on the jobs' PATH, and the agent is the pinned-wheel bundle "
+        "(default: the system python3, with the bundle of this interpreter's packages)",
+    )
+    parser.add_argument(
+        "--users",
+        type=int,
+        default=1,
+        help="Unix users per node sharing its store (slot k runs as uid 5001 + k mod USERS; "
+        "needs root: setpriv)",
+    )
+    parser.add_argument(
+        "--wheelhouse", type=Path, default=None, help="where the pinned wheels are kept (--worker-python)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("pool-results"), help="directory for pool.md/.png/.json"
     )
     parser.add_argument(
@@ -83,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         keep=args.keep,
         job_timeout=args.job_timeout,
         concurrency=args.concurrency,
+        worker_python=args.worker_python,
+        users=args.users,
+        wheelhouse=args.wheelhouse,
         verbose=not args.quiet,
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")

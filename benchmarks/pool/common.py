@@ -120,13 +120,29 @@ def _blobs(store: Path) -> list[Path]:
     return [p for sub in root.iterdir() if sub.is_dir() for p in sub.iterdir()]
 
 
-def job_python() -> tuple[str, bool]:
-    """The python3 a job uses: (path, whether bootstrap must be told via PIXICACHE_PYTHON)."""
-    from pixicache.testing.condor import job_python as find
+JOB_UID = 5001
+"""The first uid jobs run as with ``--users N`` (N > 1): 5001, 5002..."""
+JOB_GID = 5000
+"""The group of the job users, which owns the node stores."""
 
-    found = find((3, 10))  # rattler needs 3.10
+
+def worker_python(choice: str | None = None) -> tuple[str, bool]:
+    """The python3 a job uses: (path, whether bootstrap must be told via PIXICACHE_PYTHON).
+
+    ``choice`` is a path or a version (``"3.9"``: pyenv's); default: the system python3
+    if it is >= 3.9, else this interpreter's base (never a virtualenv).
+    """
+    from pixicache.testing.condor import job_python as find
+    from pixicache.testing.condor import pyenv_python
+
+    if choice is not None:
+        path = choice if os.sep in choice else pyenv_python(choice)
+        if path is None or not os.access(path, os.X_OK):
+            raise SystemExit(f"benchmarks/pool: --worker-python {choice}: no such interpreter here")
+        return path, True
+    found = find((3, 9))
     if found is None:
-        raise SystemExit("benchmarks/pool: no python3 >= 3.10 outside a virtualenv to run the jobs with")
+        raise SystemExit("benchmarks/pool: no python3 >= 3.9 outside a virtualenv to run the jobs with")
     return found
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import CHANNEL, _pixicache, _wait_for
+from .common import CHANNEL, STAMP, _pixicache, _wait_for
 from .jobs import JobRun, PhaseResult, Pool, PoolResult, _Scheduler
 
 
@@ -25,11 +25,26 @@ def _throttle_largest(pool: Pool, seconds: float) -> str:
 
 
 def _partial_started(store: Path) -> bool:
-    part = store / "partial"
-    try:
-        return any(p.stat().st_size > 0 for p in part.iterdir())
-    except OSError:
-        return False
+    """Whether a download into ``store`` has begun (a partial file with bytes in it, in
+    the store's partial/ or, in a store shared by several users, one of theirs)."""
+    for part in [store / "partial", *store.glob("user.*/partial")]:
+        try:
+            if any(p.stat().st_size > 0 for p in part.iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _largest_in_flight(pool: Pool, node: int) -> bool:
+    """Whether the largest archive is being downloaded into ``node``'s store right now."""
+    _sub, _name, sha, size = pool.wl.largest()
+    store = pool.node_store(node)
+    for part in [store / "partial", *store.glob("user.*/partial")]:
+        with contextlib.suppress(OSError):
+            if 0 < (part / f"{sha}.part").stat().st_size < size:
+                return True
+    return False
 
 
 def mirror_restart_controller(notes: list[str]) -> Callable[[Pool, _Scheduler, list[JobRun]], None]:
@@ -61,7 +76,9 @@ def evict_controller(notes: list[str]) -> Callable[[Pool, _Scheduler, list[JobRu
             proc, sb, _ = item
             out = (sb / "_condor_stdout").read_text(errors="replace") if sb.exists() else ""
             node = int(sb.parent.name[4:])
-            if "bootstrap: running:" in out and _partial_started(pool.node_store(node)):
+            # the throttled largest archive is half-way into the node store, and the job
+            # (which needs it) has not reached its task yet
+            if "bootstrap: running:" in out and _largest_in_flight(pool, node) and not (sb / STAMP).exists():
                 target.append((proc, sb))
                 return True
             return False
@@ -94,14 +111,16 @@ def corrupt_node_blob(pool: Pool, node: int = 0) -> dict[str, Any]:
         fh.write(bytes([byte[0] ^ 0xFF]))
     os.chmod(blob, 0o444)
     entry = name[: -len(".conda")]
-    extracted = store / "pkgs" / entry
     expected: dict[str, str] = {}
-    with contextlib.suppress(OSError, ValueError):
-        paths = json.loads((extracted / "info" / "paths.json").read_text())["paths"]
-        expected = {p["_path"]: p["sha256"] for p in paths if p.get("sha256")}
-    shutil.rmtree(extracted, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        (store / "pkgs" / ".pixicache-snapshots" / f"{entry}.json").unlink()
+    # the package caches of the node: <store>/pkgs, or each user's in a shared store
+    for pkgs in [store / "pkgs", *sorted(store.glob("user.*/pkgs"))]:
+        extracted = pkgs / entry
+        with contextlib.suppress(OSError, ValueError):
+            paths = json.loads((extracted / "info" / "paths.json").read_text())["paths"]
+            expected = {p["_path"]: p["sha256"] for p in paths if p.get("sha256")}
+        shutil.rmtree(extracted, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            (pkgs / ".pixicache-snapshots" / f"{entry}.json").unlink()
     return {"node": node, "sha256": sha, "filename": name, "entry": entry, "expected": expected}
 
 

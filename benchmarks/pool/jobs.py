@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pixicache.testing.condor import JOB_PATH, as_user, node_path
+
 from .common import (
     _SPAWN_LOCK,
     BOOTSTRAP,
     CHANNEL,
+    JOB_GID,
+    JOB_UID,
     MANIFEST,
     PHASES,
     STAMP,
@@ -28,7 +32,7 @@ from .common import (
     _blobs,
     _link_or_copy,
     _tail,
-    job_python,
+    worker_python,
 )
 from .servers import ServeProcess, Squid, _serve_disk_reserve, small_filesystem
 from .workload import PreparedWorkload
@@ -151,6 +155,9 @@ class PoolConfig:
     job_timeout: float = 900.0
     concurrency: int | None = None  # at most this many jobs run at once (None: every slot)
     verbose: bool = True
+    worker_python: str | None = None  # the jobs' python3: a path or a version ("3.9", pyenv)
+    users: int = 1  # Unix users sharing each node store (> 1: setpriv uids, root only)
+    wheelhouse: Path | None = None  # pinned wheels for a bundle that runs on worker_python
 
 
 @dataclass
@@ -253,7 +260,14 @@ class Pool:
         self.work = work
         self.wl = wl
         self.bundle = bundle
-        self.python, self.python_override = job_python()
+        self.python, self.python_override = worker_python(cfg.worker_python)
+        self.users = max(1, cfg.users)
+        if self.users > 1 and os.geteuid() != 0:
+            raise SystemExit("benchmarks/pool: --users > 1 runs jobs as other uids: it needs root")
+        self.path = JOB_PATH
+        if cfg.worker_python is not None:  # an EL9-like node: this is *the* python3 on PATH
+            self.path = node_path(work / "node-bin", self.python)
+            self.python_override = False
         self.upstream = UpstreamServer(wl.root).start()
         self.upstream_port = self.upstream.port
         self.lock = wl.write_lock(work / "pixi.lock", self.upstream.url)
@@ -277,6 +291,19 @@ class Pool:
 
     def node_store(self, node: int) -> Path:
         return self.node_dir(node) / "store"
+
+    def job_user(self, slot: int) -> int | None:
+        """The uid a slot's jobs run as (``None``: this process's own), several per node
+        as on a real pool: slot k runs as user k mod ``users``."""
+        return None if self.users == 1 else JOB_UID + slot % self.users
+
+    def prepare_node_store(self, node: int) -> None:
+        """A node store as the README sets one up for several users: group-owned, setgid, sticky."""
+        store = self.node_store(node)
+        if self.users > 1 and not store.exists():
+            store.mkdir(parents=True)
+            os.chown(store, 0, JOB_GID)
+            store.chmod(0o3775)
 
     def reset_node_stores(self) -> None:
         for node in range(self.cfg.nodes):
@@ -385,13 +412,25 @@ class Pool:
         write_ads(sb, cluster=self._cluster, proc=job, machine=f"node{node:02d}.pool.test")
         return sb
 
+    def give_to(self, sb: Path, uid: int | None, home: Path) -> None:
+        """Make the sandbox (and the user's home) the job user's, as the starter does."""
+        if uid is None:
+            return
+        for path in (sb, *sb.rglob("*"), home):
+            os.chown(path, uid, JOB_GID, follow_symlinks=False)
+
+    def home(self, node: int, slot: int) -> Path:
+        uid = self.job_user(slot)
+        home = self.node_dir(node) / ("home" if uid is None else f"home-{uid}")
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+
     def job_env(self, sb: Path, node: int, slot: int, phase: str) -> dict[str, str]:
         """The environment HTCondor's starter gives the job, plus the site's settings."""
         from pixicache.testing.condor import starter_environment
 
-        home = self.node_dir(node) / "home"
-        home.mkdir(parents=True, exist_ok=True)
-        env = starter_environment(sb, home=home, slot=slot + 1)
+        env = starter_environment(sb, home=self.home(node, slot), slot=slot + 1)
+        env["PATH"] = self.path
         env["PIXICACHE_TASK"] = TASK
         if phase == "baseline":
             # The seed's way: no mirror, no shared store; only the agent's unpacked
@@ -400,6 +439,7 @@ class Pool:
             env["PIXICACHE_SOURCES"] = "upstream"
             env["PIXICACHE_BUNDLE_DIR"] = str(self.node_dir(node) / "bundle-baseline")
         else:
+            self.prepare_node_store(node)
             env["PIXICACHE_CACHE_DIR"] = str(self.node_store(node))
             env["PIXICACHE_MIRROR"] = self.mirror_for(node)  # sources: mirror, then upstream
         if self.python_override:
@@ -413,13 +453,18 @@ class Pool:
         with _SPAWN_LOCK:
             sb = self.make_sandbox(phase, job, attempt, node)
             env = self.job_env(sb, node, slot, phase)
+            uid = self.job_user(slot)
+            self.give_to(sb, uid, self.home(node, slot))
+            argv = [str(sb / "bootstrap.sh")]
+            if uid is not None:
+                argv = as_user(uid, JOB_GID, argv)
             out = open(sb / "_condor_stdout", "wb")  # noqa: SIM115 - closed below
             err = open(sb / "_condor_stderr", "wb")  # noqa: SIM115
             started = time.time()
             t0 = time.monotonic()
             try:
                 proc = subprocess.Popen(
-                    [str(sb / "bootstrap.sh")],
+                    argv,
                     cwd=sb,
                     env=env,
                     stdout=out,
@@ -449,7 +494,7 @@ class Pool:
         if stamp.is_file():
             with contextlib.suppress(ValueError):
                 run.time_to_task = float(stamp.read_text().strip()) - started
-        report = sb / "pixicache-report.json"
+        report = sb / "out" / "pixicache-report.json"
         if report.is_file():
             with contextlib.suppress(ValueError, OSError):
                 data = json.loads(report.read_text())

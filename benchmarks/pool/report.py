@@ -23,7 +23,9 @@ def markdown_report(result: PoolResult) -> str:
         f"{result.artifacts} packages, {_human(env)}"
         + (f"; faults: {', '.join(cfg.faults)}" if cfg.faults else "")
         + ("; node-local serve" if cfg.node_serve else "")
-        + ("; squid in front of the site mirror" if cfg.squid else ""),
+        + ("; squid in front of the site mirror" if cfg.squid else "")
+        + (f"; jobs on python {cfg.worker_python}" if cfg.worker_python else "")
+        + (f"; {cfg.users} Unix users per node store" if cfg.users > 1 else ""),
         "",
         "| phase | runs | exit 0 | upstream ÷ env | site mirror ÷ env | node fills (min-max) "
         "| node-store hits (min-max) | time-to-task p50 | p95 | max | agent ttt p50 | CPU/job p50 | wall |",

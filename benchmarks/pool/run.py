@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import signal
@@ -9,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pixicache.testing.condor import traversable
 
 from .common import CHANNEL, FAULTS, PHASES, SINGLE_RUNS, _human
 from .faults import (
@@ -53,8 +56,10 @@ def run_pool(cfg: PoolConfig, *, workload: PreparedWorkload | None = None) -> Po
         log(f"agent: {bundle.path} ({_human(bundle.size)}, sha256 {bundle.sha256[:16]}...)")
         pool = Pool(cfg, work, wl, bundle)
         result = PoolResult(cfg, wl.env_bytes, len(wl.packages), {}, bundle_sha256=bundle.sha256)
+        reach = traversable(work, Path(pool.python)) if pool.users > 1 else contextlib.nullcontext()
         try:
-            _run_phases(pool, result)
+            with reach:  # the job users must reach their sandboxes and the interpreter
+                _run_phases(pool, result)
         finally:
             pool.close()
         if pool.disk_full_mounted is not None:
@@ -80,6 +85,10 @@ def _bundle(cfg: PoolConfig, work: Path) -> Any:
         path = Path(cfg.bundle)
         h = hashlib.sha256(path.read_bytes()).hexdigest()
         return BundleInfo(path=path, sha256=h, size=path.stat().st_size)
+    if cfg.worker_python is not None:
+        # the pinned wheels (Python >= 3.9) and both py-rattler builds, as `pixicache bundle`
+        house = cfg.wheelhouse or Path.home() / ".cache" / "pixicache-test-wheels"
+        return build_bundle(work / "pixicache.pyz", source="pypi", wheelhouse=house, compresslevel=1)
     return build_bundle(work / "pixicache.pyz", source="installed", compresslevel=1)
 
 

@@ -25,6 +25,7 @@ and returns the task's exit code. The command-line wrappers are in
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,11 +179,31 @@ def _plan(job: _Job) -> None:
         platform=job.platform,
         prefix=job.prefix,
         store=job.store.root,
-        package_cache=job.store.root / "pkgs",
+        package_cache=job.store.package_cache,
         sources=list(job.options.settings.sources),
     )
     rep.record_host_platform(_this_platform())
     rep.record_artifacts(job.artifacts)
+    if job.plan is not None:
+        _check_lock_is_current(job)
+
+
+def _check_lock_is_current(job: _Job) -> None:
+    """Warn (never fail) when the manifest asks for what the lock does not hold."""
+    from pixicache.model.satisfy import unsatisfied
+
+    assert job.lock is not None
+    try:
+        problems = unsatisfied(job.manifest, job.lock, job.environment, job.platform)
+    except LockError:  # the manifest does not define the environment: Pixi's business
+        return
+    for problem in problems:
+        text = (
+            f"{problem}: pixi.lock is older than {job.manifest.path.name}; this job runs what "
+            "the lock pins. Run `pixi lock` and ship the new pixi.lock"
+        )
+        job.report.note(f"warning: {text}")
+        sys.stderr.write(f"pixicache: warning: {text}\n")
 
 
 def _preflight(job: _Job) -> None:
@@ -213,16 +234,32 @@ def _verify_pixi(job: _Job) -> None:
     # (no usable py-rattler): then Pixi is the installer that works.
     rattler_ok, rattler_why = rattler_available()
     need_pixi = opts.installer == "pixi" or (opts.installer == "auto" and not rattler_ok)
-    job.pixi, why = locate_pixi(
-        job.store,
-        job.sources.get() if (need_pixi or opts.pixi is not None) else None,
-        pixi=opts.pixi,
-        trust_pixi=opts.trust_pixi,
-        fetch=need_pixi,
-        config=opts.settings.file,
+    because = (
+        f"Pixi is needed because the rattler installer cannot be used here: {rattler_why}"
+        if opts.installer == "auto"
+        else "Pixi is needed because --installer pixi was asked for"
     )
+    try:
+        job.pixi, why = locate_pixi(
+            job.store,
+            job.sources.get() if (need_pixi or opts.pixi is not None) else None,
+            pixi=opts.pixi,
+            trust_pixi=opts.trust_pixi,
+            fetch=need_pixi,
+            config=opts.settings.file,
+        )
+    except FetchError as exc:
+        if not need_pixi:
+            raise
+        job.report.record_pixi(None, because)
+        raise type(exc)(
+            f"{because}; but the pinned Pixi could not be obtained: {exc}\n"
+            "Fix: run the agent with a Python that loads py-rattler (>= 3.8 with the bundle), "
+            "or let the mirror serve Pixi releases (`pixicache serve` has the `pixi` upstream "
+            "unless --only-upstreams is given)"
+        ) from exc
     if need_pixi and opts.installer == "auto":
-        why = f"{why} (rattler cannot be used here: {rattler_why})"
+        why = f"{why} ({because})"
     job.report.record_pixi(job.pixi, why)
 
 
@@ -236,8 +273,9 @@ def _request(job: _Job) -> InstallRequest:
         platform=job.platform,
         prefix=job.prefix,
         store=job.store,
-        package_cache=job.store.root / "pkgs",
+        package_cache=job.store.package_cache,
         pixi=job.pixi.path if job.pixi is not None else None,
+        parsed_manifest=job.manifest,
     )
 
 
@@ -405,7 +443,7 @@ def run(
     rep = report if report is not None else RunReport("run", path=None)
     m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
     env = environment or m.environment_for(task)
-    m.task(task, env)  # an unknown task fails before anything is installed
+    m.task(task, env, options.platform or _this_platform())  # unknown: fails before installing
     with interruptible():
         outcome = install(m, env, options=options, report=rep)
     with rep.phase("task"):
@@ -417,6 +455,7 @@ def run(
             prefix=outcome.prefix,
             pixi=outcome.pixi,
             on_start=rep.mark_task_start,
+            platform=outcome.platform,
         )
     rep.record_task(result, list(args))
     for note in result.notes:

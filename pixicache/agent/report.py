@@ -78,7 +78,7 @@ def _utc(t: float) -> str:
 def _user() -> str | None:
     try:
         return getpass.getuser()
-    except Exception:  # no passwd entry (containers): not worth failing a job for
+    except (KeyError, OSError, ImportError):  # no passwd entry (containers): not worth failing for
         return None
 
 
@@ -176,8 +176,10 @@ class RunReport:
         }
 
     def record_fetch(self, fetch_report: Any) -> None:
-        """Record a :class:`~pixicache.fetch.fetcher.FetchReport` (tiers from ``by_tier()``)."""
+        """Record a :class:`~pixicache.fetch.FetchReport` (tiers from ``by_tier()``)."""
         self.data["fetch"] = fetch_report.to_json()
+        for line in fetch_report.failover():
+            self.note(line)
         for tier, slot in fetch_report.by_tier().items():
             dest = self.data["tiers"].setdefault(
                 tier, {"artifacts": 0, "bytes": 0, "transferred": 0}

@@ -278,15 +278,16 @@ def _native(
     prefix: Path,
     fwd: _Forwarder,
     on_start: Callable[[], None] | None,
+    platform: str | None,
 ) -> TaskOutcome:
-    steps = manifest.execution_plan(task, args, environment)
+    steps = manifest.execution_plan(task, args, environment, platform)
     outcome = TaskOutcome(task, "native", 0)
     for step in steps:
         outcome.notes.extend(n for n in step.task.notes if n not in outcome.notes)
     activation = activation_script(prefix)
     base = _pixi_env(manifest, environment, prefix, os.environ)
-    act_env = manifest.activation_env(environment)
-    act_scripts = manifest.activation_scripts(environment)
+    act_env = manifest.activation_env(environment, platform)
+    act_scripts = manifest.activation_scripts(environment, platform)
     if on_start is not None:
         on_start()
     start = time.monotonic()
@@ -335,6 +336,7 @@ def run_task(
     pixi: Any = None,
     on_start: Callable[[], None] | None = None,
     signals: Sequence[signal.Signals] = FORWARDED_SIGNALS,
+    platform: str | None = None,
 ) -> TaskOutcome:
     """Run ``task`` with ``args`` in the installed ``environment``.
 
@@ -348,6 +350,7 @@ def run_task(
         on_start: called just before the first process starts (the report's
             "task" phase starts there).
         signals: the signals to forward.
+        platform: the installed platform: ``[target.<platform>]`` tasks and activation apply.
 
     Returns:
         The :class:`TaskOutcome`; its ``exit_code`` is the task's.
@@ -371,4 +374,4 @@ def run_task(
             outcome.forwarded = [signal.Signals(s).name for s in forwarded]
             outcome.seconds = time.monotonic() - start
             return outcome
-        return _native(manifest, task, args, environment, prefix, fwd, on_start)
+        return _native(manifest, task, args, environment, prefix, fwd, on_start, platform)

@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-from pixicache.errors import PixicacheError
+from pixicache.errors import Interrupted
 
 __all__ = ["STOP_SIGNALS", "AgentInterrupted", "interruptible"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class AgentInterrupted(PixicacheError):
+class AgentInterrupted(Interrupted):
     """A signal stopped the agent before the task started (exit code ``128 + N``)."""
 
     def __init__(self, signum: int) -> None:

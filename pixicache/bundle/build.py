@@ -16,7 +16,8 @@ Contents (``unzip -l pixicache.pyz``)::
                              extension), rich (progress bars only: without pygments and
                              markdown-it, which it imports only for syntax and markdown),
                              typing_extensions, tomli and exceptiongroup (Python < 3.11)
-    rattler/                 py-rattler (an abi3 wheel for CPython >= 3.10, manylinux x86_64)
+    rattler/cp310/           py-rattler 0.28 (an abi3 wheel for CPython >= 3.10, manylinux x86_64)
+    rattler/cp38/            py-rattler 0.25 (abi3 for CPython >= 3.8: EL9's Python 3.9)
 
 zstandard and aiohttp are not in it: the agent does not use them (``pixicache
 serve`` and ``pixicache demo`` are not agent commands and need a full install).
@@ -33,7 +34,7 @@ sorted entries: the same inputs give the same SHA-256, which the submit file pin
 
 **Building** (:func:`build_bundle`): ``source="pypi"`` (the default) downloads the
 pinned wheels (:data:`PINNED_WHEELS`, resolved for Python 3.9 with hashes, and
-``py-rattler``) with ``pip download --require-hashes``; ``source="installed"``
+:data:`RATTLER_WHEELS`) with ``pip download --require-hashes``; ``source="installed"``
 copies the files of the distributions installed in the running interpreter
 (offline; the bundle then needs the newest ``Requires-Python`` among them,
 recorded as its minimum Python and checked by the launcher).
@@ -58,7 +59,7 @@ from pixicache.bundle.runtime import (
 )
 from pixicache.errors import FetchError, UsageError
 
-__all__ = ["BUNDLE_FORMAT", "PINNED_WHEELS", "RATTLER_WHEEL", "BundleInfo", "build_bundle"]
+__all__ = ["BUNDLE_FORMAT", "PINNED_WHEELS", "RATTLER_WHEELS", "BundleInfo", "RattlerWheel", "build_bundle"]
 
 BUNDLE_FORMAT = 1
 """The layout version recorded in ``pixicache-bundle.json``."""
@@ -91,12 +92,36 @@ PINNED_WHEELS: dict[str, tuple[str, str]] = {
 }
 """The pure-Python runtime deps of the agent, pinned for Python >= 3.9 (``source="pypi"``)."""
 
-RATTLER_WHEEL = (
-    "py-rattler",
-    "0.28.0",
-    "4f4ab1d34d5394e7ce130a86e59009c95ace4f5757d9c3af04de1351bcea47eb",
+@dataclass(frozen=True)
+class RattlerWheel:
+    """One pinned py-rattler build the bundle carries (manylinux_2_17 x86_64, abi3)."""
+
+    tag: str  # "cp310": the wheel's abi3 floor, and its directory in the bundle
+    version: str
+    sha256: str
+    min_python: tuple[int, int]
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "tag": self.tag,
+            "version": self.version,
+            "min_python": list(self.min_python),
+            "platform": "manylinux_2_17_x86_64",
+        }
+
+
+RATTLER_WHEELS: tuple[RattlerWheel, ...] = (
+    RattlerWheel(
+        "cp310", "0.28.0", "4f4ab1d34d5394e7ce130a86e59009c95ace4f5757d9c3af04de1351bcea47eb", (3, 10)
+    ),
+    # the newest py-rattler with a wheel for Python < 3.10 (EL9's python3 is 3.9);
+    # 0.26 and later publish only a cp310-abi3 wheel
+    RattlerWheel(
+        "cp38", "0.25.0", "b642304155f492c7dd3eb772df5e8e97942bff445ab8e343dc7a173e3efbfcf1", (3, 8)
+    ),
 )
-"""py-rattler's cp310-abi3 manylinux_2_17 x86_64 wheel: (name, version, sha256)."""
+"""The py-rattler builds of a ``source="pypi"`` bundle, newest first (the run time
+takes the first this interpreter can load)."""
 
 # For source="installed": distributions that must be present, and the optional
 # backports whose absence raises the minimum Python of the bundle.
@@ -130,7 +155,7 @@ class BundleInfo:
         size: its size in bytes.
         build_id: the payload's id (the directory it unpacks into).
         min_python: the oldest Python it runs on, e.g. ``"3.9"``.
-        rattler: the bundled py-rattler version, or ``None``.
+        rattler: the bundled py-rattler versions, newest first (empty: none).
         packages: distribution name -> version, for everything inside.
         source: ``"pypi"`` or ``"installed"``.
     """
@@ -140,7 +165,7 @@ class BundleInfo:
     size: int
     build_id: str = ""
     min_python: str = "3.9"
-    rattler: str | None = None
+    rattler: tuple[str, ...] = ()
     packages: dict[str, str] = field(default_factory=dict)
     source: str = "pypi"
 
@@ -169,24 +194,9 @@ if sys.version_info[:2] < tuple(META["min_python"]):
     )
 
 
-def _unpacked_site():
-    # Mirrors pixicache.bundle.runtime.bundle_root(): import pixicache from the unpacked files
-    # (with their bytecode) when a previous start unpacked this build.
-    env = os.environ
-    if env.get("PIXICACHE_BUNDLE_DIR"):
-        root = os.path.expanduser(env["PIXICACHE_BUNDLE_DIR"])
-    elif env.get("PIXICACHE_CACHE_DIR"):
-        root = os.path.join(os.path.expanduser(env["PIXICACHE_CACHE_DIR"]), "bundle")
-    else:
-        base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "pixicache", "bundle")
-    site = os.path.join(root, META["build_id"], "site")
-    return site if os.path.exists(os.path.join(site, "{marker}")) else None
-
-
 _archive = os.path.abspath(getattr(__loader__, "archive", None) or sys.argv[0])
-sys.path.insert(0, _unpacked_site() or os.path.join(_archive, "site"))
-from pixicache.bundle.runtime import run_from_archive  # noqa: E402
+sys.path.insert(0, os.path.join(_archive, "site"))
+from pixicache.bundle.runtime import run_from_archive  # noqa: E402  (unpacks, then imports from there)
 
 run_from_archive(_archive, META)
 from pixicache.cli import main  # noqa: E402  (from the unpacked files now)
@@ -304,7 +314,7 @@ def _find_wheel(wheelhouse: Path, name: str, version: str) -> Path:
 
 def _pypi_payload(
     wheelhouse: Path, include_rattler: bool
-) -> tuple[dict[str, _Entry], dict[str, _Entry], dict[str, str], str | None]:
+) -> tuple[dict[str, _Entry], dict[str, _Entry], dict[str, str], list[dict[str, Any]]]:
     wheelhouse.mkdir(parents=True, exist_ok=True)
     missing = [n for n, (v, _) in PINNED_WHEELS.items() if not _has_wheel(wheelhouse, n, v)]
     if missing:
@@ -324,22 +334,24 @@ def _pypi_payload(
         site.update(files)
         packages[name] = version
     rattler: dict[str, _Entry] = {}
-    rattler_version = None
-    if include_rattler:
-        name, version, digest = RATTLER_WHEEL
-        if not _has_wheel(wheelhouse, name, version):
+    builds: list[dict[str, Any]] = []
+    for build in RATTLER_WHEELS if include_rattler else ():
+        if not _has_wheel(wheelhouse, "py-rattler", build.version):
+            floor = ".".join(map(str, build.min_python))
             _download(
                 wheelhouse,
-                ["--python-version", "3.10", "--implementation", "cp", "--abi", "abi3",
+                ["--python-version", floor, "--implementation", "cp", "--abi", "abi3",
                  "--platform", "manylinux_2_17_x86_64"],
-                [f"{name}=={version} --hash=sha256:{digest}"],
+                [f"py-rattler=={build.version} --hash=sha256:{build.sha256}"],
             )  # fmt: skip
-        wheel = _find_wheel(wheelhouse, name, version)
-        _check_digest(wheel, digest)
-        rattler, _ = _wheel_entries(wheel, pure=False)
-        rattler_version = version
-        packages[name] = version
-    return site, rattler, packages, rattler_version
+        wheel = _find_wheel(wheelhouse, "py-rattler", build.version)
+        _check_digest(wheel, build.sha256)
+        files, _ = _wheel_entries(wheel, pure=False)
+        rattler.update({f"{build.tag}/{k}": v for k, v in files.items()})
+        builds.append(build.meta())
+    if builds:
+        packages["py-rattler"] = ", ".join(b["version"] for b in builds)
+    return site, rattler, packages, builds
 
 
 def _has_wheel(wheelhouse: Path, name: str, version: str) -> bool:
@@ -388,7 +400,7 @@ def _installed_files(name: str, *, pure: bool) -> tuple[dict[str, _Entry], str, 
 def _installed_payload(
     include_rattler: bool,
 ) -> tuple[
-    dict[str, _Entry], dict[str, _Entry], dict[str, str], str | None, tuple[int, int], list[str]
+    dict[str, _Entry], dict[str, _Entry], dict[str, str], list[dict[str, Any]], tuple[int, int], list[str]
 ]:
     from importlib import metadata
 
@@ -418,16 +430,24 @@ def _installed_payload(
             floor = req
             why.append(f"{name} {version} requires Python >={req[0]}.{req[1]}")
     rattler: dict[str, _Entry] = {}
-    rattler_version = None
+    builds: list[dict[str, Any]] = []
     if include_rattler:
         try:
-            rattler, rattler_version, _ = _installed_files("py-rattler", pure=False)
+            files, version, requires = _installed_files("py-rattler", pure=False)
         except metadata.PackageNotFoundError:
             raise BundleError(
                 "py-rattler is not installed here: pip install 'pixicache[rattler]', or build with --no-rattler"
             ) from None
-        packages["py-rattler"] = rattler_version
-    return site, rattler, packages, rattler_version, floor, why
+        build = RattlerWheel(
+            f"cp{sys.version_info[0]}{sys.version_info[1]}",
+            version,
+            "",
+            max(_requires_python_floor(requires), RATTLER_MIN_PYTHON),
+        )
+        rattler = {f"{build.tag}/{k}": v for k, v in files.items()}
+        builds.append(build.meta())
+        packages["py-rattler"] = version
+    return site, rattler, packages, builds, floor, why
 
 
 def _pixicache_entries() -> dict[str, _Entry]:
@@ -519,8 +539,8 @@ def build_bundle(
         output: the ``.pyz`` to write.
         python_tag: the oldest Python the bundle must run on (``"3.9"``, ``"py310"``...);
             at least 3.9.
-        include_rattler: bundle py-rattler (used on CPython >= 3.10; see the module doc).
-        source: ``"pypi"``: the pinned wheels (:data:`PINNED_WHEELS`, :data:`RATTLER_WHEEL`),
+        include_rattler: bundle py-rattler (:data:`RATTLER_WHEELS`; see the module doc).
+        source: ``"pypi"``: the pinned wheels (:data:`PINNED_WHEELS`, :data:`RATTLER_WHEELS`),
             downloaded with pip into ``wheelhouse`` unless already there;
             ``"installed"``: the files installed in this interpreter (offline).
         wheelhouse: where wheels are kept for ``source="pypi"`` (default: a temporary dir).
@@ -545,9 +565,9 @@ def build_bundle(
     with tempfile.TemporaryDirectory(prefix="pixicache-bundle-") as tmpdir:
         if source == "pypi":
             house = Path(wheelhouse) if wheelhouse else Path(tmpdir) / "wheels"
-            site, rattler, packages, rattler_version = _pypi_payload(house, include_rattler)
+            site, rattler, packages, builds = _pypi_payload(house, include_rattler)
         elif source == "installed":
-            site, rattler, packages, rattler_version, got, why = _installed_payload(include_rattler)
+            site, rattler, packages, builds, got, why = _installed_payload(include_rattler)
             if got > floor:
                 floor = got
         else:
@@ -571,13 +591,7 @@ def build_bundle(
         "min_python": list(floor),
         "min_python_because": why,
         "packages": packages,
-        "rattler": None
-        if rattler_version is None
-        else {
-            "version": rattler_version,
-            "min_python": list(RATTLER_MIN_PYTHON),
-            "platform": "manylinux_2_17_x86_64",
-        },
+        "rattler": builds,
         "source": source,
     }
     entries = dict(payload)
@@ -597,7 +611,7 @@ def build_bundle(
         size=output.stat().st_size,
         build_id=build_id,
         min_python=f"{floor[0]}.{floor[1]}",
-        rattler=rattler_version,
+        rattler=tuple(b["version"] for b in builds),
         packages=packages,
         source=source,
     )

@@ -1,34 +1,37 @@
-"""The bundle at run time: unpacking it once per node and deciding whether py-rattler loads.
+"""The bundle at run time: unpacking it once per node and choosing the py-rattler that loads.
 
 The bundle is the agent as one file (``pixicache bundle -o pixicache.pyz``,
 :mod:`pixicache.bundle.build`).
 
-**Unpacking** (as shiv and pex do): on first use ``site/`` and ``rattler/`` are
-unpacked into the node store, ``<root>/<build id>/site`` and ``.../rattler``,
-where ``<root>`` is ``$PIXICACHE_BUNDLE_DIR``, else ``$PIXICACHE_CACHE_DIR/bundle``,
-else ``${XDG_CACHE_HOME:-~/.cache}/pixicache/bundle`` (a temporary directory if
-that cannot be created). Each part is extracted under a file lock into a
-temporary directory that is renamed into place, so concurrent jobs on a node
-unpack it once and none sees a half-written tree. Later starts import from the
-unpacked files (with ``__pycache__`` bytecode), so a warm start costs what an
-installed pixicache costs. The build id is the SHA-256 of the bundle's payload:
-a new bundle unpacks beside the old one, never over it.
+**Unpacking** (as shiv and pex do): on first use ``site/`` and one ``rattler/<tag>/``
+are unpacked into ``<root>/<build id>/site`` and ``.../rattler-<tag>``, where
+``<root>`` is ``$PIXICACHE_BUNDLE_DIR``, else the node store's ``bundle/`` (this
+user's own area's ``bundle/`` in a store shared by several users (:mod:`pixicache.userarea`): code another
+user unpacked is never run), else ``${XDG_CACHE_HOME:-~/.cache}/pixicache/bundle``
+(a temporary directory if that cannot be created). Each part is extracted under a
+file lock into a temporary directory that is renamed into place, so concurrent jobs
+of a node unpack it once and none sees a half-written tree. Later starts import from
+the unpacked files (with ``__pycache__`` bytecode), so a warm start costs what an
+installed pixicache costs. The build id is the SHA-256 of the bundle's payload: a
+new bundle unpacks beside the old one, never over it.
 
 Everything is unpacked, not only the compiled parts, because pixicache relies on
-real files: the rattler installer runs ``backends/rattler/child.py`` by path
-in a child process (py-rattler can crash at interpreter exit), and package data
-is read from files. For that child, whose ``sys.path[0]`` is its own directory,
-``site/pixicache/backends/rattler/rattler`` is a symbolic link to the unpacked
-py-rattler package (so ``import rattler`` works there without setting
-``PYTHONPATH``, which would leak into the job's task).
+real files: the rattler installer runs ``backends/rattler/child.py`` by path in a
+child process (py-rattler can crash at interpreter exit), and package data is read
+from files. The child is told where the chosen py-rattler is on its command line
+(``--rattler-path``), never through ``PYTHONPATH``, which would leak into the job's
+task.
 
-**py-rattler is optional at run time.** It is used only when this interpreter
-can load it: CPython >= 3.10 on Linux x86_64, and a one-time probe (a child
-process that imports it, cached per interpreter and glibc in
-``<root>/<build id>/rattler-probe-*.json``) succeeds. Otherwise it is left off
-``sys.path``, :func:`pixicache.backends.rattler.probe.rattler_available` says why, and the agent installs with a
-verified Pixi instead. ``python3 pixicache.pyz --bundle-info`` prints the
-bundle's contents and this decision as JSON.
+**py-rattler builds.** The bundle carries py-rattler 0.28 (a cp310-abi3 wheel, for
+CPython >= 3.10) and py-rattler 0.25 (cp38-abi3: the newest release with a wheel
+for EL9's Python 3.9; the child speaks both APIs). :func:`choose_rattler` takes the
+newest build this interpreter can load (Linux x86_64); a one-time probe (a child
+process that imports it, cached per build, interpreter and glibc in
+``<root>/<build id>/rattler-probe-*.json``) confirms it. Where none loads, it is left
+off ``sys.path``, :func:`pixicache.backends.rattler.probe.rattler_available` says
+why, and the agent falls back to a verified Pixi and says so.
+``python3 pixicache.pyz --bundle-info`` prints the bundle's contents and this
+decision as JSON.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pixicache.errors import PixicacheError
+from pixicache.userarea import not_private, user_area
 
 __all__ = [
     "META_NAME",
@@ -58,7 +62,8 @@ __all__ = [
 
 META_NAME = "pixicache-bundle.json"
 UNPACKED_MARKER = ".pixicache-unpacked"
-RATTLER_MIN_PYTHON = (3, 10)
+RATTLER_MIN_PYTHON = (3, 8)
+"""The oldest Python any py-rattler build pixicache uses supports (0.25's cp38-abi3 wheel)."""
 
 
 class BundleError(PixicacheError):
@@ -121,13 +126,15 @@ def bundle_runtime() -> BundleRuntime | None:
 
 
 def bundle_root() -> Path:
-    """Where bundles are unpacked: ``$PIXICACHE_BUNDLE_DIR``, else
-    ``$PIXICACHE_CACHE_DIR/bundle``, else ``${XDG_CACHE_HOME:-~/.cache}/pixicache/bundle``."""
+    """Where bundles are unpacked: ``$PIXICACHE_BUNDLE_DIR``, else the node store's
+    ``bundle/`` (``$PIXICACHE_CACHE_DIR/bundle``; in a store shared by several users,
+    this user's own area's (:mod:`pixicache.userarea`): code another user unpacked is never run),
+    else ``${XDG_CACHE_HOME:-~/.cache}/pixicache/bundle``."""
     env = os.environ
     if env.get("PIXICACHE_BUNDLE_DIR"):
         return Path(env["PIXICACHE_BUNDLE_DIR"]).expanduser()
     if env.get("PIXICACHE_CACHE_DIR"):
-        return Path(env["PIXICACHE_CACHE_DIR"]).expanduser() / "bundle"
+        return user_area(Path(env["PIXICACHE_CACHE_DIR"]).expanduser()) / "bundle"
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "pixicache" / "bundle"
 
@@ -165,12 +172,11 @@ def umask() -> int:
 
 
 def _ensure_unpacked(
-    archive: str, prefix: str, dest: Path, links: dict[str, str] | None = None
+    archive: str, prefix: str, dest: Path
 ) -> float:
     """Unpack the members under ``prefix`` into ``dest`` once (atomically).
 
     Returns the seconds spent unpacking (``0.0`` when ``dest`` was complete).
-    ``links`` maps relative paths to symlink targets created in the tree.
     """
     if (dest / UNPACKED_MARKER).exists():
         return 0.0
@@ -205,8 +211,6 @@ def _ensure_unpacked(
                         os.chmod(target, mode & ~mask)
                     files += 1
                     nbytes += info.file_size
-            for rel, link in (links or {}).items():
-                os.symlink(link, tmp / rel)
             seconds = time.perf_counter() - start
             marker = {
                 "files": files,
@@ -245,43 +249,46 @@ def _libc_tag() -> str:
     return "".join(c if c.isalnum() or c == "." else "-" for c in value)
 
 
+def choose_rattler(builds: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The bundled py-rattler build this interpreter can load, or ``None`` and why not.
+
+    Builds are tried newest first; each names the oldest CPython its abi3 wheel
+    supports (py-rattler 0.28: 3.10; 0.25: 3.8, for EL9's Python 3.9).
+    """
+    exe = f"{sys.implementation.name} {_pyver()} ({sys.executable})"
+    if not builds:
+        return None, "this bundle was built without py-rattler (pixicache bundle --no-rattler)"
+    versions = ", ".join(
+        f"{b['version']} (CPython >= {'.'.join(map(str, b['min_python']))})" for b in builds
+    )
+    if sys.implementation.name != "cpython":
+        return None, f"the bundle's py-rattler builds ({versions}) need CPython; this is {exe}"
+    for build in builds:
+        if sys.version_info[:2] >= tuple(build["min_python"]):
+            break
+    else:
+        return None, f"the bundle's py-rattler builds ({versions}) need a newer Python; this is {exe}"
+    machine = os.uname().machine
+    if not sys.platform.startswith("linux") or machine not in ("x86_64", "AMD64"):
+        return None, (
+            f"the bundle's py-rattler {build['version']} is built for Linux x86_64; "
+            f"this is {sys.platform} {machine}"
+        )
+    return build, ""
+
+
 def _rattler_status(
     archive: str, meta: dict[str, Any], home: Path
 ) -> tuple[bool, str, Path | None, float]:
     """Whether this interpreter can use the bundle's py-rattler: (ok, reason, dir, unpack s)."""
-    info = meta.get("rattler")
-    if not info:
-        return (
-            False,
-            "this bundle was built without py-rattler (pixicache bundle --no-rattler)",
-            None,
-            0.0,
-        )
+    build, why = choose_rattler(list(meta.get("rattler") or []))
+    if build is None:
+        return False, why, None, 0.0
+    tag = build["tag"]
+    rdir = home / f"rattler-{tag}"
     exe = f"{sys.implementation.name} {_pyver()} ({sys.executable})"
-    if sys.implementation.name != "cpython" or sys.version_info < RATTLER_MIN_PYTHON:
-        return (
-            False,
-            (
-                f"the bundle's py-rattler {info['version']} (an abi3 wheel) needs CPython >= 3.10; "
-                f"this is {exe}"
-            ),
-            None,
-            0.0,
-        )
-    machine = os.uname().machine
-    if not sys.platform.startswith("linux") or machine not in ("x86_64", "AMD64"):
-        return (
-            False,
-            (
-                f"the bundle's py-rattler {info['version']} is built for Linux x86_64; "
-                f"this is {sys.platform} {machine}"
-            ),
-            None,
-            0.0,
-        )
-    rdir = home / "rattler"
-    seconds = _ensure_unpacked(archive, "rattler/", rdir)
-    probe = home / f"rattler-probe-{sys.implementation.cache_tag}-{_libc_tag()}.json"
+    seconds = _ensure_unpacked(archive, f"rattler/{tag}/", rdir)
+    probe = home / f"rattler-probe-{tag}-{sys.implementation.cache_tag}-{_libc_tag()}.json"
     try:
         cached = json.loads(probe.read_text())
         return bool(cached["ok"]), str(cached["reason"]), rdir if cached["ok"] else None, seconds
@@ -324,6 +331,14 @@ def _prepare(archive: str, meta: dict[str, Any]) -> dict[str, Any]:
     build_id = str(meta["build_id"])
     root = bundle_root()
     try:
+        area = root.parent
+        if area != Path(os.environ.get("PIXICACHE_CACHE_DIR", "")).expanduser():
+            # a user's own area of a shared store: code is unpacked there, so it must be ours
+            if not area.exists():
+                area.mkdir(mode=0o700)
+            why = not_private(area)
+            if why is not None:
+                raise PermissionError(f"{area} is {why}")
         root.mkdir(parents=True, exist_ok=True)
         if (
             not os.access(root, os.W_OK)
@@ -337,13 +352,8 @@ def _prepare(archive: str, meta: dict[str, Any]) -> dict[str, Any]:
         _note(f"cannot use {root} ({exc}); unpacking into {fallback}")
         root = fallback
     home = root / build_id
-    links = (
-        {"pixicache/backends/rattler/rattler": "../../../../rattler/rattler"}
-        if meta.get("rattler")
-        else None
-    )
     try:
-        seconds = _ensure_unpacked(archive, "site/", home / "site", links)
+        seconds = _ensure_unpacked(archive, "site/", home / "site")
         ok, reason, rdir, more = _rattler_status(archive, meta, home)
     except OSError as exc:
         raise BundleError(

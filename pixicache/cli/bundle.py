@@ -74,7 +74,7 @@ def bundle_command(
 
     click.echo(f"{info.sha256}  {info.path}")
     rattler = (
-        f"py-rattler {info.rattler} (used on CPython >= 3.10)"
+        "py-rattler " + " and ".join(info.rattler) + " (the newest this Python loads is used)"
         if info.rattler
         else "no py-rattler"
     )

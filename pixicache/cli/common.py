@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from pixicache.config import Settings, resolve_settings
-from pixicache.errors import PixicacheError
+from pixicache.errors import MissingExtra, PixicacheError
 from pixicache.progress import human_bytes, human_rate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,8 +27,47 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+EXTRAS: dict[str, str] = {
+    "aiohttp": "serve",
+    "prometheus_client": "serve",
+    "rattler": "rattler",
+    "torch": "train",
+    "matplotlib": "bench",
+}
+"""The optional extra (``pip install 'pixicache[EXTRA]'``) each optional import comes from."""
+
+
+def missing_extra(exc: ModuleNotFoundError) -> MissingExtra | None:
+    """The :class:`MissingExtra` for a failed import of an optional dependency, else ``None``."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    command = " ".join(click.get_current_context().command_path.split()[1:]) or "this command"
+    return MissingExtra(
+        f"`pixicache {command}` needs the optional '{extra}' extra, which is not installed "
+        f"(no module {top!r}): pip install 'pixicache[{extra}]'"
+    )
+
+
+def require_extras(*modules: str) -> None:
+    """Raise :class:`MissingExtra` (exit 2) naming the extra of the first of
+    ``modules`` that cannot be imported (found, not imported: cheap)."""
+    import importlib.util
+
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            extra = missing_extra(ModuleNotFoundError(f"No module named {module!r}", name=module))
+            raise extra or MissingExtra(f"the optional module {module!r} is not installed")
+
+
 def handle_errors(func: F) -> F:
-    """Turn :class:`PixicacheError` into a message and its exit code."""
+    """Turn :class:`PixicacheError` into a message and its exit code; a missing
+    optional dependency into one line naming the extra to install (exit 2)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -36,6 +75,11 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except PixicacheError as exc:
             _fail(str(exc), exc.exit_code)
+        except ModuleNotFoundError as exc:
+            extra = missing_extra(exc)
+            if extra is None:
+                raise
+            _fail(str(extra), extra.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 
@@ -90,9 +134,8 @@ platform_option = click.option(
 )
 
 
-
 def format_summary(report: Any) -> str:
-    """The human summary of a :class:`~pixicache.fetch.fetcher.FetchReport`."""
+    """The human summary of a :class:`~pixicache.fetch.FetchReport`."""
     lines = [
         f"{len(report.results)} artifacts, {human_bytes(report.total_bytes)} in "
         f"{report.seconds:.1f} s ({human_rate(sum(r.bytes for r in report.results), report.seconds)} transferred)"
@@ -101,6 +144,7 @@ def format_summary(report: Any) -> str:
         verb = {"node store": "hits", "missing": "not fetched"}.get(label, "fetched")
         noun = "artifact " if slot["artifacts"] == 1 else "artifacts"
         lines.append(f"  {label:<40} {slot['artifacts']:>5} {noun} {human_bytes(slot['bytes']):>10} {verb}")
+    lines.extend(f"  note: {line}" for line in report.failover())
     missing = report.missing
     if missing:
         lines.append(f"MISSING: {len(missing)} artifact(s) could not be fetched:")

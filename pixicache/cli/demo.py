@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pixicache.cli.common import handle_errors
+from pixicache.cli.common import handle_errors, require_extras
 
 __all__ = ["demo"]
 
@@ -18,6 +18,7 @@ __all__ = ["demo"]
 @handle_errors
 def demo(keep: Path | None) -> None:
     """Run the whole flow offline on a small channel of real packages built on the spot."""
+    require_extras("rattler", "aiohttp", "prometheus_client")
     from pixicache.demo import run_demo
 
     sys.exit(run_demo(keep))

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import click
 
+from pixicache.cli.common import missing_extra, require_extras
 from pixicache.errors import PixicacheError
 
 UPSTREAM_HELP = (
-    "An allow-listed upstream: /NAME/... is fetched from URL/... (repeatable). "
-    "Default: conda-forge=https://conda.anaconda.org/conda-forge and "
-    "pixi=https://github.com/prefix-dev/pixi/releases/download."
+    "An allow-listed upstream: /NAME/... is fetched from URL/... (repeatable). It is added "
+    "to the defaults, conda-forge=https://conda.anaconda.org/conda-forge and "
+    "pixi=https://github.com/prefix-dev/pixi/releases/download (one of the same name "
+    "replaces it); --only-upstreams drops the defaults."
 )
 
 
@@ -45,6 +47,13 @@ def setup_logging(quiet: bool = False) -> None:
     help="The store to serve and fill (default: $PIXICACHE_CACHE_DIR, the config file, else the user cache dir).",
 )
 @click.option("--upstream", "upstreams", multiple=True, metavar="NAME=URL", help=UPSTREAM_HELP)
+@click.option(
+    "--only-upstreams",
+    is_flag=True,
+    default=None,
+    help="Serve only the --upstream (and config file) upstreams, without the defaults "
+    "conda-forge and pixi.",
+)
 @click.option(
     "--max-size",
     default=None,
@@ -105,6 +114,7 @@ def serve_command(
     port: int | None,
     cache_dir: Path | None,
     upstreams: tuple[str, ...],
+    only_upstreams: bool | None,
     max_size: str | None,
     config_file: Path | None,
     token: str | None,
@@ -127,14 +137,17 @@ def serve_command(
     """
     from pixicache.config import resolve_settings
     from pixicache.serve.config import load_config
-    from pixicache.serve.runner import run_server
 
     try:
+        require_extras("aiohttp", "prometheus_client")
+        from pixicache.serve.runner import run_server
+
         root_obj = ctx.find_root().obj or {}
         chosen_dir = cache_dir or root_obj.get("cache_dir")
         config = load_config(
             config_file,
             upstream_specs=upstreams,
+            only_upstreams=only_upstreams,
             host=host,
             port=port,
             max_size=max_size,
@@ -155,6 +168,12 @@ def serve_command(
     except PixicacheError as exc:
         click.echo(f"pixicache: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:
+        extra = missing_extra(exc)
+        if extra is None:
+            raise
+        click.echo(f"pixicache: error: {extra}", err=True)
+        sys.exit(extra.exit_code)
     except OSError as exc:
         click.echo(f"pixicache: error: cannot serve: {exc}", err=True)
         sys.exit(9)

@@ -85,6 +85,7 @@ class Fetcher:
         self.sleep = sleep
         self._dead: dict[int, str] = {}  # id(source) -> why it was given up on
         self._dead_lock = threading.Lock()
+        self._stats = SourceStats()
 
     def fetch(self, artifacts: Iterable[Artifact]) -> FetchReport:
         """Make every artifact present and verified in the store (or report why not).
@@ -109,7 +110,13 @@ class Fetcher:
         hits = [r.artifact for r in results if r.tier == "store"]
         if hits:
             self.store.touch(hits)
-        report = FetchReport(results=results, seconds=time.monotonic() - start)
+        down = {s.label: self._dead[id(s)] for s in self.sources if id(s) in self._dead}
+        report = FetchReport(
+            results=results,
+            seconds=time.monotonic() - start,
+            sources=self._stats.snapshot(),
+            down=down,
+        )
         self.progress.end(report)
         return report
 
@@ -218,15 +225,15 @@ class Fetcher:
         self.progress.advance(writer.offset)
         result.resumed_from = writer.offset
         failures: list[Exception] = []
+        usable = [s for s in self.sources if s.location(artifact) is not None]
         try:
-            for source in self.sources:
-                if source.location(artifact) is None:
-                    continue
+            for i, source in enumerate(usable):
                 dead = self._dead.get(id(source))
                 if dead is not None:
                     result.attempts.append(f"{source.label}: skipped ({dead})")
                     continue
-                if self._try_source(source, artifact, writer, ctx, result, failures):
+                last = all(id(s) in self._dead for s in usable[i + 1 :])
+                if self._try_source(source, artifact, writer, ctx, result, failures, last=last):
                     return
         finally:
             writer.close()
@@ -250,22 +257,35 @@ class Fetcher:
         ctx: FetchContext,
         result: FetchResult,
         failures: list[Exception],
+        *,
+        last: bool,
     ) -> bool:
-        """Attempts of one source (retries included); True once the blob is committed."""
+        """Attempts of one source (retries included); True once the blob is committed.
+
+        A source that cannot be reached (refused, does not resolve) is left at
+        once for the next one; only the last source left keeps retrying, as it
+        may be restarting.
+        """
         delay = self.backoff
         clean_retry = True
         attempt = 0
+        stats = self._stats
         while True:
             inherited = writer.offset  # bytes from an earlier run or an earlier source
+            before = writer.written
+            stats.add(source.label, "requests")
             try:
                 source.fetch(artifact, writer, ctx)
                 writer.commit()
                 result.tier = source.tier
                 result.source = source.label
+                stats.add(source.label, "served")
+                stats.add(source.label, "bytes", writer.written - before)
                 return True
             except StoreError:
                 raise
             except IntegrityError as exc:
+                stats.add(source.label, "integrity_failures")
                 writer.reopen()  # the bad bytes are discarded
                 if inherited and clean_retry:
                     # the fault may lie in bytes resumed from elsewhere: this
@@ -277,7 +297,8 @@ class Fetcher:
                 result.attempts.append(f"{source.label}: {exc}")
                 return False
             except SourceUnavailable as exc:
-                wait = self._retry_delay(exc, attempt, delay)
+                stats.add(source.label, "errors")
+                wait = None if (exc.unreachable and not last) else self._retry_delay(exc, attempt, delay)
                 if wait is None:
                     failures.append(exc)
                     result.attempts.append(f"{source.label}: {exc}{self._give_up_note(exc, attempt)}")
@@ -286,6 +307,7 @@ class Fetcher:
                             self._dead.setdefault(id(source), str(exc))
                     return False
                 attempt += 1
+                stats.add(source.label, "retries")
                 self.sleep(wait)
                 delay = min(delay * 2, 8.0)
 
@@ -301,4 +323,26 @@ class Fetcher:
     def _give_up_note(self, exc: SourceUnavailable, attempt: int) -> str:
         if exc.retry_after is not None and exc.retry_after > self.max_retry_after:
             return f" (more than the {self.max_retry_after:g} s a fetch waits)"
+        if exc.unreachable and attempt == 0:
+            return " (not retried: the next source was tried at once)"
         return f" (after {attempt + 1} attempts)" if exc.transient else ""
+
+
+class SourceStats:
+    """Counters per source label, like a server's ``/metrics`` (thread-safe):
+    ``requests``, ``served``, ``bytes``, ``errors``, ``retries``, ``integrity_failures``."""
+
+    KEYS = ("requests", "served", "bytes", "errors", "retries", "integrity_failures")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, dict[str, int]] = {}
+
+    def add(self, label: str, key: str, n: int = 1) -> None:
+        with self._lock:
+            slot = self._counts.setdefault(label, dict.fromkeys(self.KEYS, 0))
+            slot[key] += n
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {label: dict(slot) for label, slot in self._counts.items()}

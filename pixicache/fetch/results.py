@@ -42,6 +42,10 @@ class FetchReport:
 
     results: list[FetchResult]
     seconds: float
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Counters per source label (requests, served, bytes, errors, retries...)."""
+    down: dict[str, str] = field(default_factory=dict)
+    """Sources given up on during the run (unreachable), with why."""
 
     @property
     def ok(self) -> bool:
@@ -84,6 +88,8 @@ class FetchReport:
             "bytes": self.total_bytes,
             "by_tier": self.by_tier(),
             "by_source": self.by_source(),
+            "sources": self.sources,
+            "down": self.down,
             "missing": [
                 {
                     "url": r.artifact.url,
@@ -94,6 +100,16 @@ class FetchReport:
                 for r in self.missing
             ],
         }
+
+
+    def failover(self) -> list[str]:
+        """One sentence per source that was down, naming what served instead."""
+        served = {k: v["artifacts"] for k, v in self.by_source().items() if k not in self.down}
+        instead = ", ".join(f"{label} ({n})" for label, n in sorted(served.items()) if label != "missing")
+        return [
+            f"{label} was down ({why}); served instead by: {instead or 'nothing'}"
+            for label, why in self.down.items()
+        ]
 
 
 class ProgressSink(Protocol):

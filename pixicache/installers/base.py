@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pixicache.model.lockfile import Lock
+    from pixicache.model.manifest import Manifest
     from pixicache.store import Store
 
 
@@ -32,6 +33,8 @@ class InstallRequest:
         store: the node store; every artifact of the environment is present.
         package_cache: the node's extracted-package cache directory.
         pixi: a verified Pixi executable, if one is available.
+        parsed_manifest: the parsed manifest, when the caller has it (its
+            ``[system-requirements]`` go into Pixi's environment file).
     """
 
     workspace: Path
@@ -43,6 +46,7 @@ class InstallRequest:
     store: Store
     package_cache: Path
     pixi: Path | None = None
+    parsed_manifest: Manifest | None = None
 
     def channels(self) -> list[str]:
         """Every conda channel the environment's packages come from (the lock's

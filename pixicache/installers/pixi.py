@@ -18,9 +18,10 @@ What it runs (Pixi 0.79; flags checked against Pixi's CLI reference)::
   User-level mirrors cannot redirect it elsewhere; a workspace-local
   ``.pixi/config.toml`` is still merged on top by Pixi (reported as a note
   when it has its own ``[mirrors]``).
-* environment: ``PIXI_CACHE_DIR`` and ``RATTLER_CACHE_DIR`` = the node package
-  cache (Pixi extracts packages into ``<cache>/pkgs``, shared by every job on
-  the node); ``PIXI_NO_PROGRESS=1``; ``127.0.0.1`` added to ``NO_PROXY`` so a
+* environment: ``PIXI_CACHE_DIR`` and ``RATTLER_CACHE_DIR`` = the parent of the
+  node's package cache (Pixi extracts packages into ``$PIXI_CACHE_DIR/pkgs``:
+  the very directory the rattler installer uses, one package cache per node and
+  user); ``PIXI_NO_PROGRESS=1``; ``127.0.0.1`` added to ``NO_PROXY`` so a
   site proxy is not asked for the store view; ``PIXI_FROZEN``, ``PIXI_LOCKED``,
   ``PIXI_CONFIG_FILE`` and ``PIXI_NO_CONFIG`` from the caller are dropped (the
   command line says what is meant).

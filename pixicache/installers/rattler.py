@@ -45,9 +45,10 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pixicache.backends.pixi.envfile import ENVIRONMENT_FILE
 from pixicache.backends.rattler.child import STATE_FILE
 from pixicache.backends.rattler.process import run_child
-from pixicache.errors import InstallError
+from pixicache.errors import InstallError, LockError
 from pixicache.installers.base import InstallRequest, InstallResult
 from pixicache.model.artifact import Artifact
 from pixicache.store.view import StoreView
@@ -112,6 +113,27 @@ def prefix_is_current(request: InstallRequest) -> bool:
     except OSError:
         return False
     return all(f"{d}.json" in present for d in wanted["packages"])
+
+
+def _write_pixi_environment_file(request: InstallRequest) -> str:
+    """Write Pixi's ``conda-meta/pixi`` so a later ``pixi run`` sees the prefix as current."""
+    from pixicache.backends.pixi.envfile import environment_file, write_environment_file
+    from pixicache.backends.pixi.pins import load_pins
+    from pixicache.model.manifest import Manifest
+
+    manifest = request.parsed_manifest
+    if manifest is None:
+        try:
+            manifest = Manifest.load(request.manifest)
+        except LockError:
+            manifest = None
+    if manifest is None:
+        return "no conda-meta/pixi written: the manifest cannot be read"
+    content = environment_file(
+        manifest, request.lock, request.environment, request.platform, load_pins()[1]
+    )
+    write_environment_file(request.prefix, content)
+    return f"wrote conda-meta/pixi (Pixi's environment file, hash {content['environment_lock_file_hash']})"
 
 
 def _explained(exc: InstallError, view: StoreView, artifacts: list[Artifact]) -> InstallError:
@@ -181,13 +203,16 @@ class RattlerInstaller:
         prefix = Path(request.prefix).absolute()
         packages = request.lock.packages(request.environment, request.platform)
         if prefix_is_current(request):
+            notes = ["the prefix already holds this lock's environment (marker matches): no-op"]
+            if not (prefix / "conda-meta" / ENVIRONMENT_FILE).is_file():
+                notes.append(_write_pixi_environment_file(request))
             return InstallResult(
                 installer=self.name,
                 prefix=prefix,
                 seconds=time.monotonic() - start,
                 changed=False,
                 packages=len(packages),
-                notes=["the prefix already holds this lock's environment (marker matches): no-op"],
+                notes=notes,
             )
         ok, why = self.available(request)
         if not ok:
@@ -220,7 +245,8 @@ class RattlerInstaller:
                 target=view.stop, name="pixicache-store-view-stop", daemon=True
             ).start()
         notes = [
-            f"{answer.get('operations', 0)} link/unlink operation(s); {served} archive(s) from the store view"
+            f"{answer.get('operations', 0)} link/unlink operation(s); {served} archive(s) from the store view",
+            _write_pixi_environment_file(request),
         ]
         if answer.get("evicted"):
             notes.append(

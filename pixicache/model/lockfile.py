@@ -232,12 +232,14 @@ class Lock:
         environments: dict[str, _Env],
         packages: list[LockedPackage],
         platform_subdirs: dict[str, str],
+        platform_virtual_packages: dict[str, list[str]] | None = None,
     ) -> None:
         self.path = path
         self.version = version
         self._envs = environments
         self._packages = packages
         self._platform_subdirs = platform_subdirs
+        self._platform_vps = dict(platform_virtual_packages or {})
         self._index: dict[tuple[str, str], list[LockedPackage]] = {}
         for pkg in packages:
             self._index.setdefault((pkg.kind, pkg.url), []).append(pkg)
@@ -310,6 +312,11 @@ class Lock:
     def platform_subdir(self, platform: str) -> str:
         """The conda subdir of a platform name (differs only for custom v7 names)."""
         return self._platform_subdirs.get(platform, platform)
+
+    def platform_virtual_packages(self, platform: str) -> list[str] | None:
+        """The virtual packages a v7 lock declares for ``platform`` (``__cuda=12.6``...),
+        or ``None`` when the lock does not say (v4-v6, or a plain platform)."""
+        return self._platform_vps.get(platform)
 
     def packages(self, env: str = "default", platform: str | None = None) -> list[LockedPackage]:
         """Every package of ``env`` on ``platform``, in lock order, sources included.
@@ -495,7 +502,10 @@ class _Parser:
             str(name): self.environment(str(name), env_doc, version, platform_subdirs)
             for name, env_doc in envs_doc.items()
         }
-        return cls(Path(self.path), version, environments, packages, platform_subdirs)
+        return cls(
+            Path(self.path), version, environments, packages, platform_subdirs,
+            self.declared_virtual_packages(doc),
+        )  # fmt: skip
 
     def version(self, doc: dict[str, Any]) -> int:
         if "version" not in doc:
@@ -544,6 +554,20 @@ class _Parser:
             if name in out:
                 raise self.fail(f"platform '{name}' is declared twice in `platforms`")
             out[name] = subdir
+        return out
+
+    def declared_virtual_packages(self, doc: dict[str, Any]) -> dict[str, list[str]]:
+        """``virtual-packages`` of each top-level ``platforms:`` entry that lists them (v7)."""
+        out: dict[str, list[str]] = {}
+        for item in doc.get("platforms") or []:
+            if not isinstance(item, dict):
+                continue
+            vps = item.get("virtual-packages", item.get("virtual_packages"))
+            if vps is None:
+                continue
+            if not isinstance(vps, list) or not all(isinstance(v, str) for v in vps):
+                raise self.fail(f"platform {item.get('name')!r}: `virtual-packages` must be a list of strings")
+            out[str(item.get("name"))] = list(vps)
         return out
 
     def environment(self, name: str, doc: Any, version: int, declared: dict[str, str]) -> _Env:

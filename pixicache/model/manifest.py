@@ -137,10 +137,14 @@ class Task:
     default_environment: str | None = None
     notes: list[str] = field(default_factory=list)
     unknown_keys: list[str] = field(default_factory=list)
+    defined_in: str | None = None
 
     @property
     def where(self) -> str:
-        """Where it is defined, for messages (``[tasks]`` or ``[feature.x.tasks]``)."""
+        """Where it is defined, for messages (``[tasks]``, ``[feature.x.tasks]``,
+        ``[target.linux-64.tasks]``...)."""
+        if self.defined_in:
+            return self.defined_in
         return "[tasks]" if self.feature is None else f"[feature.{self.feature}.tasks]"
 
     def bind_args(self, given: Sequence[str]) -> dict[str, str]:
@@ -260,54 +264,121 @@ def render_command(task: Task, values: dict[str, str], extra: Sequence[str] = ()
     return cmd
 
 
+@dataclass
+class Feature:
+    """One feature of the manifest (``name`` ``None``: the default feature, the top-level tables).
+
+    ``targets`` holds the ``[target.<selector>]`` tables in the order the manifest
+    declares them: for a platform, every matching selector applies on top of the
+    feature's own tables, a later one over an earlier one (as Pixi does).
+    """
+
+    name: str | None
+    selector: str | None = None  # set on a [target.<selector>] table
+    tasks: dict[str, Task] = field(default_factory=dict)
+    activation: dict[str, Any] = field(default_factory=dict)
+    system_requirements: dict[str, Any] = field(default_factory=dict)
+    dependencies: dict[str, Any] = field(default_factory=dict)
+    pypi_dependencies: dict[str, Any] = field(default_factory=dict)
+    targets: list[tuple[str, Feature]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "the default feature" if self.name is None else f"feature '{self.name}'"
+
+    def for_platform(self, platform: str | None) -> list[Feature]:
+        """This feature's tables, then each target that matches ``platform``, lowest priority first."""
+        if platform is None:
+            return [self]
+        return [self] + [t for sel, t in self.targets if selector_matches(sel, platform)]
+
+
+_SELECTORS = {
+    "unix": lambda p: not p.startswith("win-"),
+    "linux": lambda p: p.startswith("linux-"),
+    "win": lambda p: p.startswith("win-"),
+    "osx": lambda p: p.startswith("osx-"),
+}
+
+
+def selector_matches(selector: str, platform: str) -> bool:
+    """Whether a ``[target.<selector>]`` applies to ``platform`` (a platform name, or
+    ``unix``, ``linux``, ``win``, ``osx``)."""
+    test = _SELECTORS.get(selector)
+    return test(platform) if test is not None else selector == platform
+
+
+MAX_TASK_DEPTH = 256
+"""How deep ``depends-on`` chains may nest before the manifest is refused."""
+
+
 class Manifest:
-    """A parsed ``pixi.toml``; build it with :meth:`load` or :meth:`parse`."""
+    """A parsed ``pixi.toml`` (or the ``[tool.pixi]`` tables of a ``pyproject.toml``);
+    build it with :meth:`load` or :meth:`parse`."""
 
     def __init__(self, path: Path, data: dict[str, Any]) -> None:
         self.path = path
         self.workspace = path.parent
+        self.is_pyproject = path.name == "pyproject.toml"
+        project: dict[str, Any] = {}
+        if self.is_pyproject:
+            raw_project = data.get("project")
+            project = raw_project if isinstance(raw_project, dict) else {}
+            tool = data.get("tool")
+            pixi = tool.get("pixi") if isinstance(tool, dict) else None
+            if not isinstance(pixi, dict):
+                raise self._error(
+                    "a pyproject.toml manifest needs a [tool.pixi.workspace] table (this one has "
+                    "no [tool.pixi]): add it, or pass --manifest pixi.toml"
+                )
+            data = pixi
         ws = data.get("workspace")
         if ws is None:
             ws = data.get("project")
-        self.table: dict[str, Any] = ws if isinstance(ws, dict) else {}
-        self.name: str | None = _opt_str(self.table.get("name"))
-        self.version: str | None = _opt_str(self.table.get("version"))
-        self.platforms: list[str] = [str(p) for p in self.table.get("platforms", []) or []]
-        self.tasks: dict[str, Task] = self._tasks(data.get("tasks"), None)
-        self.feature_tasks: dict[str, dict[str, Task]] = {}
-        self.feature_activation: dict[str, dict[str, Any]] = {}
-        self.feature_system_requirements: dict[str, dict[str, Any]] = {}
-        features = data.get("feature") or {}
-        if not isinstance(features, dict):
+        if not isinstance(ws, dict):
+            where = "[tool.pixi.workspace]" if self.is_pyproject else "[workspace]"
+            raise self._error(
+                f"not a Pixi manifest: it has no {where} table (or the older [project] one). "
+                "Pixi refuses it too; create it with `pixi init`"
+            )
+        self.table: dict[str, Any] = ws
+        self.name: str | None = _opt_str(ws.get("name")) or _opt_str(project.get("name"))
+        self.version: str | None = _opt_str(ws.get("version")) or _opt_str(project.get("version"))
+        self.platforms: list[str] = [str(p) for p in ws.get("platforms", []) or []]
+        default = self._feature(None, data)
+        if self.is_pyproject:
+            self._pyproject_dependencies(default, project)
+        self.features: dict[str | None, Feature] = {None: default}
+        raw_features = data.get("feature") or {}
+        if not isinstance(raw_features, dict):
             raise self._error("[feature] must be a table of features")
-        for fname, fdata in features.items():
+        for fname, fdata in raw_features.items():
             if not isinstance(fdata, dict):
                 raise self._error(f"[feature.{fname}] must be a table")
-            if "tasks" in fdata:
-                self.feature_tasks[fname] = self._tasks(fdata.get("tasks"), fname)
-            if "activation" in fdata:
-                self.feature_activation[fname] = _table(fdata["activation"], self._error)
-            if "system-requirements" in fdata:
-                self.feature_system_requirements[fname] = _table(
-                    fdata["system-requirements"], self._error
-                )
-        self.activation: dict[str, Any] = _table(data.get("activation") or {}, self._error)
+            self.features[str(fname)] = self._feature(str(fname), fdata)
         self.environments: dict[str, EnvironmentSpec] = self._environments(data.get("environments"))
-        self.system_requirements: dict[str, Any] = _table(
-            data.get("system-requirements") or {}, self._error
-        )
+        # the default feature's tables, as older callers read them
+        self.tasks = default.tasks
+        self.activation = default.activation
+        self.system_requirements = default.system_requirements
 
     # -- constructors ---------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Manifest:
-        """Read ``path`` (a ``pixi.toml``).
+        """Read ``path`` (a ``pixi.toml`` or ``pyproject.toml``).
+
+        A missing ``pixi.toml`` whose directory has a ``pyproject.toml`` with
+        ``[tool.pixi]`` tables reads that instead (Pixi's own discovery order).
 
         Raises:
-            LockError: the file is missing, not TOML, or malformed (exit code 2).
+            LockError: the file is missing, not UTF-8, not TOML, or not a Pixi
+                manifest (exit code 2).
         """
         p = Path(path).absolute()
+        if p.name == "pixi.toml" and not p.exists() and (p.parent / "pyproject.toml").is_file():
+            p = p.parent / "pyproject.toml"
         try:
-            data = p.read_bytes()
+            raw = p.read_bytes()
         except FileNotFoundError:
             raise LockError(
                 f"{p}: no such manifest; run in the directory holding pixi.toml or pass "
@@ -315,16 +386,25 @@ class Manifest:
             ) from None
         except OSError as exc:
             raise LockError(f"{p}: cannot read the manifest: {exc.strerror or exc}") from None
-        return cls.parse(data.decode("utf-8", errors="replace"), p)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LockError(
+                f"{p}: not a text file: invalid UTF-8 at byte {exc.start} (TOML files are UTF-8)"
+            ) from None
+        return cls.parse(text, p)
 
     @classmethod
     def parse(cls, text: str, path: str | os.PathLike[str] = "pixi.toml") -> Manifest:
-        """Parse manifest ``text``; ``path`` locates the workspace."""
+        """Parse manifest ``text``; ``path`` locates the workspace (and says whether it
+        is a ``pyproject.toml``)."""
         p = Path(path).absolute()
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise LockError(f"{p}: not valid TOML: {exc}") from None
+        except RecursionError:
+            raise LockError(f"{p}: not valid TOML: nested too deeply") from None
         return cls(p, data)
 
     # -- queries --------------------------------------------------------------------------
@@ -340,73 +420,101 @@ class Manifest:
         feature, the first listed first.
 
         Raises:
-            TaskError: the manifest defines no such environment.
+            LockError: the manifest defines no such environment (exit 2, as for ``plan``).
         """
         if environment == DEFAULT_ENVIRONMENT and environment not in self.environments:
             return [None]
         spec = self.environments.get(environment)
         if spec is None:
             known = ", ".join(sorted({DEFAULT_ENVIRONMENT, *self.environments}))
-            raise TaskError(f"{self.path}: no environment '{environment}' (environments: {known})")
+            raise LockError(f"{self.path}: no environment '{environment}' (environments: {known})")
         out: list[str | None] = list(spec.features)
         if not spec.no_default_feature:
             out.append(None)
         return out
 
+    def _layers(self, environment: str, platform: str | None) -> list[Feature]:
+        """Every table that applies to ``environment`` on ``platform``, lowest priority first."""
+        out: list[Feature] = []
+        for name in reversed(self.environment_features(environment)):
+            out.extend(self.features[name].for_platform(platform))
+        return out
+
     def system_requirement_tables(
-        self, environment: str = DEFAULT_ENVIRONMENT
+        self, environment: str = DEFAULT_ENVIRONMENT, platform: str | None = None
     ) -> list[tuple[str, dict[str, Any]]]:
         """``[system-requirements]`` tables that apply to ``environment``, each with
         where it is written (``"[feature.gpu.system-requirements]"``); the default
-        feature's first. An environment the manifest does not define gets the
-        default feature's."""
-        spec = self.environments.get(environment)
-        features = list(spec.features) if spec is not None else []
-        out: list[tuple[str, dict[str, Any]]] = []
-        if spec is None or not spec.no_default_feature:
-            out.append(("[system-requirements]", self.system_requirements))
-        for feat in features:
-            table = self.feature_system_requirements.get(feat)
-            if table:
-                out.append((f"[feature.{feat}.system-requirements]", table))
-        return out
+        feature's first."""
+        return [
+            (_where(f, "system-requirements"), f.system_requirements)
+            for f in self._layers(environment, platform)
+            if f.system_requirements
+        ]
 
-    def tasks_for(self, environment: str = DEFAULT_ENVIRONMENT) -> dict[str, Task]:
-        """Every task available in ``environment`` (a feature's task wins over the default's)."""
+    def dependencies(
+        self, environment: str = DEFAULT_ENVIRONMENT, platform: str | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The conda and PyPI dependencies ``environment`` asks for on ``platform``
+        (name -> spec; a higher-priority table wins)."""
+        conda: dict[str, Any] = {}
+        pypi: dict[str, Any] = {}
+        for f in self._layers(environment, platform):
+            conda.update(f.dependencies)
+            pypi.update(f.pypi_dependencies)
+        return conda, pypi
+
+    def tasks_for(
+        self, environment: str = DEFAULT_ENVIRONMENT, platform: str | None = None
+    ) -> dict[str, Task]:
+        """Every task available in ``environment`` on ``platform``: a feature's task wins
+        over the default's, a matching ``[target.<platform>.tasks]`` over ``[tasks]``."""
         out: dict[str, Task] = {}
-        for feature in reversed(self.environment_features(environment)):
-            source = self.tasks if feature is None else self.feature_tasks.get(feature, {})
-            out.update(source)
+        for layer in self._layers(environment, platform):
+            out.update(layer.tasks)
         return out
 
-    def task(self, name: str, environment: str = DEFAULT_ENVIRONMENT) -> Task:
-        """The task ``name`` as ``environment`` sees it.
+    def task(
+        self, name: str, environment: str = DEFAULT_ENVIRONMENT, platform: str | None = None
+    ) -> Task:
+        """The task ``name`` as ``environment`` sees it on ``platform``.
 
         Raises:
-            TaskError: no such task (the message lists the tasks there are).
+            TaskError: no such task (the message lists the tasks there are, and
+                where else it is defined).
         """
-        tasks = self.tasks_for(environment)
+        tasks = self.tasks_for(environment, platform)
         task = tasks.get(name)
         if task is None:
-            visible = sorted(t for t in tasks if not t.startswith("_"))
-            elsewhere = [
-                f
-                for f, ts in self.feature_tasks.items()
-                if name in ts and f not in self.environment_features(environment)
-            ]
-            hint = ""
-            if elsewhere:
-                envs = [
-                    e.name for e in self.environments.values() if set(elsewhere) & set(e.features)
-                ]
-                hint = f"; it is defined in feature(s) {', '.join(elsewhere)}" + (
-                    f": use -e {envs[0]}" if envs else ""
-                )
-            raise TaskError(
-                f"{self.path}: no task '{name}' in environment '{environment}'"
-                f" (tasks: {', '.join(visible) or 'none'}){hint}"
-            )
+            raise TaskError(self._no_task(name, environment, platform, tasks))
         return task
+
+    def _no_task(
+        self, name: str, environment: str, platform: str | None, tasks: dict[str, Task]
+    ) -> str:
+        visible = sorted(t for t in tasks if not t.startswith("_"))
+        mine = self.environment_features(environment)
+        elsewhere = [
+            f for f, feat in self.features.items() if name in feat.tasks and f not in mine and f
+        ]
+        targets = [
+            sel
+            for fname in mine
+            for sel, t in self.features[fname].targets
+            if name in t.tasks and (platform is None or not selector_matches(sel, platform))
+        ]
+        hint = ""
+        if elsewhere:
+            envs = [e.name for e in self.environments.values() if set(elsewhere) & set(e.features)]
+            hint = f"; it is defined in feature(s) {', '.join(map(str, elsewhere))}" + (
+                f": use -e {envs[0]}" if envs else ""
+            )
+        elif targets:
+            hint = f"; it is defined for target(s) {', '.join(targets)} only, not for {platform}"
+        return (
+            f"{self.path}: no task '{name}' in environment '{environment}'"
+            f" (tasks: {', '.join(visible) or 'none'}){hint}"
+        )
 
     def environment_for(self, task: str) -> str:
         """The environment to run ``task`` in when none is given (as Pixi picks it).
@@ -417,10 +525,10 @@ class Manifest:
         Raises:
             TaskError: no environment has the task, or several do (name one with -e).
         """
-        found = self.tasks_for(DEFAULT_ENVIRONMENT).get(task)
+        found = self._any_platform_tasks(DEFAULT_ENVIRONMENT).get(task)
         if found is not None:
             return found.default_environment or DEFAULT_ENVIRONMENT
-        having = [e for e in self.environments if task in self.tasks_for(e)]
+        having = [e for e in self.environments if task in self._any_platform_tasks(e)]
         if len(having) == 1:
             return having[0]
         if having:
@@ -430,30 +538,44 @@ class Manifest:
             )
         return DEFAULT_ENVIRONMENT  # let task() report the unknown task
 
-    def activation_env(self, environment: str = DEFAULT_ENVIRONMENT) -> dict[str, str]:
+    def _any_platform_tasks(self, environment: str) -> dict[str, Task]:
+        out: dict[str, Task] = {}
+        for name in reversed(self.environment_features(environment)):
+            feat = self.features[name]
+            for layer in [feat, *(t for _, t in feat.targets)]:
+                out.update(layer.tasks)
+        return out
+
+    def activation_env(
+        self, environment: str = DEFAULT_ENVIRONMENT, platform: str | None = None
+    ) -> dict[str, str]:
         """``[activation.env]`` of the environment's features (default feature first)."""
         out: dict[str, str] = {}
-        for feature in reversed(self.environment_features(environment)):
-            table = self.activation if feature is None else self.feature_activation.get(feature, {})
-            env = table.get("env") or {}
+        for layer in self._layers(environment, platform):
+            env = layer.activation.get("env") or {}
             if not isinstance(env, dict):
-                raise self._error("[activation.env] must be a table of strings")
+                raise self._error(f"{_where(layer, 'activation')}.env must be a table of strings")
             out.update({str(k): str(v) for k, v in env.items()})
         return out
 
-    def activation_scripts(self, environment: str = DEFAULT_ENVIRONMENT) -> list[str]:
+    def activation_scripts(
+        self, environment: str = DEFAULT_ENVIRONMENT, platform: str | None = None
+    ) -> list[str]:
         """``[activation] scripts`` of the environment's features, workspace-relative."""
         out: list[str] = []
-        for feature in reversed(self.environment_features(environment)):
-            table = self.activation if feature is None else self.feature_activation.get(feature, {})
-            scripts = table.get("scripts") or []
+        for layer in self._layers(environment, platform):
+            scripts = layer.activation.get("scripts") or []
             if not isinstance(scripts, list):
-                raise self._error("[activation] scripts must be a list of paths")
+                raise self._error(f"{_where(layer, 'activation')} scripts must be a list of paths")
             out.extend(str(s) for s in scripts)
         return out
 
     def execution_plan(
-        self, name: str, args: Sequence[str] = (), environment: str = DEFAULT_ENVIRONMENT
+        self,
+        name: str,
+        args: Sequence[str] = (),
+        environment: str = DEFAULT_ENVIRONMENT,
+        platform: str | None = None,
     ) -> list[Step]:
         """The tasks to run for ``name``: its ``depends-on`` first (depth first, in
         order, each task once), then the task itself with ``args``.
@@ -461,6 +583,7 @@ class Manifest:
         Raises:
             TaskError: an unknown task, a dependency cycle, bad arguments, or a
                 feature the native runner refuses (see the module doc).
+            LockError: ``depends-on`` nests deeper than :data:`MAX_TASK_DEPTH`.
         """
         steps: list[Step] = []
         done: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
@@ -470,7 +593,12 @@ class Manifest:
             if task_name in stack:
                 cycle = " -> ".join([*stack[stack.index(task_name) :], task_name])
                 raise TaskError(f"{self.path}: the tasks depend on each other in a cycle: {cycle}")
-            task = self.task(task_name, environment)
+            if len(stack) >= MAX_TASK_DEPTH:
+                raise self._error(
+                    f"task '{name}' depends on a chain of more than {MAX_TASK_DEPTH} tasks "
+                    f"(... -> {' -> '.join(stack[-3:])} -> {task_name}): flatten its depends-on"
+                )
+            task = self.task(task_name, environment, platform)
             task.check_supported()
             if task.args or not extra_allowed:
                 values = task.bind_args(given)
@@ -495,10 +623,44 @@ class Manifest:
     def _error(self, message: str) -> LockError:
         return LockError(f"{self.path}: {message}")
 
-    def _tasks(self, raw: Any, feature: str | None) -> dict[str, Task]:
+    def _feature(self, name: str | None, data: dict[str, Any], target: str | None = None) -> Feature:
+        """One feature's tables (or one ``[target.<selector>]`` of it)."""
+        prefix = ("" if name is None else f"feature.{name}.") + (
+            "" if target is None else f"target.{target}."
+        )
+        feat = Feature(name, target)
+        feat.tasks = self._tasks(data.get("tasks"), name, f"[{prefix}tasks]")
+        for key, attr in (
+            ("activation", "activation"),
+            ("system-requirements", "system_requirements"),
+            ("dependencies", "dependencies"),
+            ("pypi-dependencies", "pypi_dependencies"),
+        ):
+            if key in data:
+                setattr(feat, attr, _table(data[key], self._error, f"[{prefix}{key}]"))
+        targets = data.get("target") or {}
+        if target is None and targets:
+            if not isinstance(targets, dict):
+                raise self._error(f"[{prefix}target] must be a table of platform selectors")
+            for sel, tdata in targets.items():
+                if not isinstance(tdata, dict):
+                    raise self._error(f"[{prefix}target.{sel}] must be a table")
+                feat.targets.append((str(sel), self._feature(name, tdata, str(sel))))
+        return feat
+
+    def _pyproject_dependencies(self, default: Feature, project: dict[str, Any]) -> None:
+        """What Pixi takes from ``[project]``: its dependencies become PyPI dependencies of
+        the default feature, ``requires-python`` the conda ``python`` one."""
+        for req in project.get("dependencies") or []:
+            name = re.split(r"[\s\[<>=!~;@(]", str(req).strip(), maxsplit=1)[0]
+            if name:
+                default.pypi_dependencies.setdefault(name, str(req)[len(name) :].strip() or "*")
+        if "python" not in default.dependencies:
+            default.dependencies["python"] = str(project.get("requires-python") or "*")
+
+    def _tasks(self, raw: Any, feature: str | None, where: str) -> dict[str, Task]:
         if raw is None:
             return {}
-        where = "[tasks]" if feature is None else f"[feature.{feature}.tasks]"
         if not isinstance(raw, dict):
             raise self._error(f"{where} must be a table")
         return {
@@ -507,12 +669,15 @@ class Manifest:
 
     def _task(self, name: str, value: Any, feature: str | None, where: str) -> Task:
         if isinstance(value, str):
-            return Task(name, value, feature=feature)
+            return Task(name, value, feature=feature, defined_in=where)
         if isinstance(value, list):
-            return Task(name, None, depends_on=self._refs(name, value, where), feature=feature)
+            return Task(
+                name, None, depends_on=self._refs(name, value, where), feature=feature,
+                defined_in=where,
+            )  # fmt: skip
         if not isinstance(value, dict):
             raise self._error(f"{where} {name}: a task is a string, a list or a table")
-        task = Task(name, self._cmd(name, value.get("cmd"), where), feature=feature)
+        task = Task(name, self._cmd(name, value.get("cmd"), where), feature=feature, defined_in=where)
         task.args = self._args(name, value.get("args", []), where)
         deps = value.get("depends-on", value.get("depends_on", []))
         if isinstance(deps, str):
@@ -587,16 +752,28 @@ class Manifest:
 
     def _environments(self, raw: Any) -> dict[str, EnvironmentSpec]:
         out: dict[str, EnvironmentSpec] = {}
+        if raw is not None and not isinstance(raw, dict):
+            raise self._error("[environments] must be a table")
         for name, value in (raw or {}).items():
             if isinstance(value, list):
-                out[name] = EnvironmentSpec(name, tuple(str(f) for f in value))
+                spec = EnvironmentSpec(name, tuple(str(f) for f in value))
             elif isinstance(value, dict):
                 feats = value.get("features") or []
-                out[name] = EnvironmentSpec(
+                if not isinstance(feats, list):
+                    raise self._error(f"[environments] {name}: features must be a list of names")
+                spec = EnvironmentSpec(
                     name, tuple(str(f) for f in feats), bool(value.get("no-default-feature", False))
                 )
             else:
                 raise self._error(f"[environments] {name}: a list of features or a table")
+            missing = [f for f in spec.features if f not in self.features]
+            if missing:
+                known = ", ".join(sorted(str(f) for f in self.features if f)) or "none"
+                raise self._error(
+                    f"environment '{name}' uses feature(s) {', '.join(missing)}, which the "
+                    f"manifest does not define (features: {known}); Pixi refuses it too"
+                )
+            out[name] = spec
         return out
 
 
@@ -611,7 +788,14 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _table(value: Any, error: Any) -> dict[str, Any]:
+def _table(value: Any, error: Any, where: str = "[activation]") -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise error("[activation] must be a table")
+        raise error(f"{where} must be a table")
     return value
+
+
+def _where(feature: Feature, key: str) -> str:
+    """Where a feature's table is written, e.g. ``[feature.gpu.system-requirements]``."""
+    target = "" if feature.selector is None else f"target.{feature.selector}."
+    base = "" if feature.name is None else f"feature.{feature.name}."
+    return f"[{base}{target}{key}]"

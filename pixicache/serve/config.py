@@ -16,7 +16,9 @@ level)::
     trusted_proxies = ["10.1.2.3", "192.168.7.0/24"]   # squid/nginx in front: cap per X-Forwarded-For
     token_file = "/etc/pixicache/token"   # or token = "..."
 
-    [serve.upstreams]
+    only_upstreams = false     # true: serve only the upstreams below, not the defaults
+
+    [serve.upstreams]           # added to the defaults (conda-forge, pixi); same name replaces
     conda-forge = "https://conda.anaconda.org/conda-forge"
     bioconda = { url = "http://site-mirror:8080/bioconda",
                  aliases = ["https://conda.anaconda.org/bioconda"] }
@@ -118,6 +120,14 @@ class Upstream:
 def default_upstreams() -> list[Upstream]:
     """``conda-forge`` and ``pixi`` at their public URLs."""
     return [Upstream.make(n, u) for n, u in WELL_KNOWN_UPSTREAMS.items()]
+
+
+def merge_upstreams(base: Iterable[Upstream], added: Iterable[Upstream]) -> list[Upstream]:
+    """``base`` with ``added`` on top: an added upstream replaces one of the same name."""
+    out = {u.name: u for u in base}
+    for u in added:
+        out[u.name] = u
+    return list(out.values())
 
 
 @dataclass
@@ -271,6 +281,7 @@ def settings_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             "log_requests",
             "trust_env",
             "trusted_proxies",
+            "only_upstreams",
         }
     )
     unknown = sorted(k for k in table if k not in known and not isinstance(table[k], Mapping))
@@ -288,7 +299,7 @@ def settings_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     for key in ("host", "token"):
         if key in table:
             out[key] = str(table[key])
-    for key in ("log_requests", "trust_env"):
+    for key in ("log_requests", "trust_env", "only_upstreams"):
         if key in table:
             out[key] = bool(table[key])
     if "cache_dir" in table:
@@ -321,8 +332,11 @@ def load_config(
 
     Args:
         config_file: a TOML file (see the module doc), or ``None``.
-        upstream_specs: ``NAME=URL`` strings; when given they replace the
-            file's and the default upstreams.
+        upstream_specs: ``NAME=URL`` strings. They and the file's upstreams are
+            added to the defaults (``conda-forge`` and ``pixi``), replacing a
+            default of the same name, so a mirror for a channel still serves Pixi
+            releases; ``only_upstreams=True`` (``--only-upstreams``, ``only_upstreams
+            = true`` in the file) drops the defaults.
         env: the environment (default ``os.environ``): ``PIXICACHE_SERVE_TOKEN``.
         **overrides: ``ServeConfig`` fields; ``None`` values are ignored.
     """
@@ -332,9 +346,10 @@ def load_config(
         settings.update(settings_from_toml(config_file))
     if env.get("PIXICACHE_SERVE_TOKEN"):
         settings["token"] = env["PIXICACHE_SERVE_TOKEN"]
-    specs = list(upstream_specs)
-    if specs:
-        settings["upstreams"] = [Upstream.parse(s) for s in specs]
+    only = settings.pop("only_upstreams", False) or bool(overrides.pop("only_upstreams", False))
+    named = list(settings.get("upstreams") or []) + [Upstream.parse(s) for s in upstream_specs]
+    if named or only:
+        settings["upstreams"] = merge_upstreams([] if only else default_upstreams(), named)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(settings.get("max_size"), str):
         settings["max_size"] = parse_size(settings["max_size"])

@@ -31,6 +31,7 @@ from pixicache.errors import StoreFull
 from pixicache.model.artifact import is_sha256
 from pixicache.store import HASH_CHUNK, Store
 from pixicache.store.commit import commit_partial
+from pixicache.store.files import NotRegular, create_exclusive, open_regular
 from pixicache.store.locking import FileLock
 
 
@@ -57,7 +58,7 @@ def url_key(url: str) -> str:
 
 
 def lock_mode(store: Store) -> int:
-    return 0o666 if store.shared else 0o644
+    return store.file_mode
 
 
 def fill_lock(store: Store, expected: str | None, url: str) -> FileLock:
@@ -85,12 +86,17 @@ class FillWriter:
         self.url = url
         self.expected = expected
         name = expected if expected is not None else url_key(url)
-        self.partial_path: Path = store.partial_dir / f"{name}.part"
+        self.partial_path: Path = store.partial_path(name)
         self._hash = hashlib.sha256()
         self.offset = 0
         self._fd: int | None = None
         try:
-            self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            store.private_dir(self.partial_path.parent)
+            try:
+                self._fd = open_regular(self.partial_path, os.O_RDWR | os.O_CREAT, store.file_mode)
+            except NotRegular:  # a planted link or special file: never ours to write through
+                os.unlink(self.partial_path)
+                self._fd = create_exclusive(self.partial_path, store.file_mode)
         except OSError as exc:
             self._raise_os(exc)
         if resume and expected is not None:
@@ -111,7 +117,7 @@ class FillWriter:
 
     def open_reader(self) -> int:
         """A new read-only fd on the partial file (it survives the commit's rename)."""
-        return os.open(self.partial_path, os.O_RDONLY | os.O_CLOEXEC)
+        return open_regular(self.partial_path)
 
     def append(self, chunks: Sequence[bytes | bytearray | memoryview]) -> int:
         """Write ``chunks`` at the end of the file (``pwritev``, no copy); return the new offset.

@@ -55,7 +55,9 @@ def transport_failure(url: str, exc: Exception) -> SourceUnavailable:
             isinstance(cause, OSError) and cause.errno == errno.ECONNREFUSED
         ):
             return SourceUnavailable(
-                f"connection to {host} refused", transient=True, unreachable=True
+                f"connection to {host} refused (nothing listens there)",
+                transient=True,
+                unreachable=True,
             )
         cause = cause.__cause__ or cause.__context__
     text = str(exc) or type(exc).__name__
@@ -87,6 +89,37 @@ def proxy_for(url: str) -> str | None:
     return proxy
 
 
+_SAID_LIMIT = 300
+
+
+def _said(resp: httpx.Response) -> str:
+    """What an error response says, when it is short text (a pixicache mirror's
+    own reason, e.g. "not under an upstream of this mirror"); never more than a
+    line of printable characters, never a body that is not text."""
+    ctype = resp.headers.get("content-type", "")
+    if not ctype.startswith(("text/plain", "application/problem+json", "application/json")):
+        return ""
+    try:
+        raw = b""
+        for chunk in resp.iter_raw():
+            raw += chunk
+            if len(raw) >= _SAID_LIMIT:
+                break
+    except httpx.HTTPError:
+        return ""
+    text = raw[:_SAID_LIMIT].decode("utf-8", errors="replace")
+    if ctype.startswith("application/"):
+        import json
+
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return ""
+        text = str(data.get("detail") or data.get("title") or "") if isinstance(data, dict) else ""
+    line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return f": {line}" if line else ""
+
+
 def stream_http(
     ctx: FetchContext,
     url: str,
@@ -105,7 +138,7 @@ def stream_http(
         with ctx.client.stream("GET", url, headers=req_headers) as resp:
             status = resp.status_code
             if status in (404, 410):
-                raise SourceNotFound(f"{url}: HTTP {status} (not there)")
+                raise SourceNotFound(f"{url}: HTTP {status} (not there){_said(resp)}")
             if status == 416 and offset:
                 writer.restart()
                 raise SourceUnavailable(f"{url}: HTTP 416 for a resume", transient=True)
@@ -113,7 +146,7 @@ def stream_http(
                 wait = parse_retry_after(resp.headers.get("retry-after"))
                 note = f" (asks to retry after {wait:g} s)" if wait is not None else ""
                 raise SourceUnavailable(
-                    f"{url}: HTTP {status}{note}", transient=True, retry_after=wait
+                    f"{url}: HTTP {status}{note}{_said(resp)}", transient=True, retry_after=wait
                 )
             if status == 206:
                 start = content_range_start(resp.headers.get("content-range"))
@@ -127,7 +160,7 @@ def stream_http(
                 if offset:
                     writer.restart()  # the server ignored Range: start over
             else:
-                raise SourceUnavailable(f"{url}: HTTP {status}")
+                raise SourceUnavailable(f"{url}: HTTP {status}{_said(resp)}")
             for chunk in resp.iter_raw():
                 writer.write(chunk)
     except httpx.TransportError as exc:

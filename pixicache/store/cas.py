@@ -7,6 +7,12 @@ Layout under the store root::
     locks/abcdef....lock     per-artifact flock files (see :mod:`pixicache.store.locking`)
     quarantine/              blobs that failed ``verify``
     index.sqlite             url -> digest, size, first/last use (:mod:`pixicache.store.index`)
+    pkgs/                    the extracted package cache the installers share
+
+In a store shared by several users (:mod:`pixicache.store.files`), ``sha256/``,
+``locks/``, ``quarantine/`` and the index are shared, and what belongs to one
+user lives in that user's own area (:mod:`pixicache.userarea`, ``user.<uid>/``):
+``partial/``, ``pkgs/``, ``bundle/``, ``pixi/``.
 
 The contract, as in pooch's ``stream_download``: bytes stream into a partial
 file while being hashed; only when the digest and size match the expected
@@ -39,18 +45,39 @@ from typing import BinaryIO
 
 from pixicache.errors import StoreError, StoreFull
 from pixicache.model.artifact import Artifact, is_sha256
+from pixicache.store.files import (
+    BLOB_MODE,
+    PRIVATE_DIR_MODE,
+    SHARED_DIR_MODE,
+    SHARED_FILE_MODE,
+    NotRegular,
+    check_private,
+    create_exclusive,
+    describe,
+    is_shared_dir,
+    make_dir,
+    open_regular,
+    publish_new,
+)
 from pixicache.store.index import Index
 from pixicache.store.locking import FileLock, LockTimeout
 from pixicache.store.writer import HASH_CHUNK, BlobWriter
+from pixicache.userarea import user_area
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, as 64 hex digits."""
+    """SHA-256 of a regular file (never read through a link), as 64 hex digits."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with os.fdopen(open_regular(path), "rb") as fh:
         while chunk := fh.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @dataclass
@@ -63,7 +90,7 @@ class StoreInfo:
     partial_files: int
     partial_bytes: int
     quarantined: int
-    urls: int
+    urls: int | None  # None: the index could not be read by this user
 
 
 @dataclass
@@ -90,13 +117,18 @@ class Store:
 
     Args:
         root: the store directory (created if missing).
-        shared: make lock files writable by the group (for a store shared by
-            several Unix users: see the README); default: the root's setgid bit.
+        shared: whether several users share it (see :mod:`pixicache.store.files`);
+            default: read from the root's mode (setgid, sticky, or world-writable).
         durable: fsync each blob (and its directory) before it becomes
             visible, so a power cut cannot leave a named blob with wrong bytes.
             Default true; ``PIXICACHE_FSYNC=0`` turns it off for scratch stores
             that do not outlive a job (then a crash can leave a bad blob, which
             ``cache verify`` finds; installs through rattler re-check digests).
+
+    Constructing a store writes nothing when it exists already, so a user who may
+    only read it can still ask what it holds (``plan``, ``cache info``); the first
+    write that this user may not do raises :class:`StoreError` naming the path and
+    the fix.
     """
 
     def __init__(
@@ -110,29 +142,41 @@ class Store:
         if durable is None:
             durable = os.environ.get("PIXICACHE_FSYNC", "1").lower() not in ("0", "false", "no")
         self.durable = durable
+        try:
+            make_dir(self.root, 0o777 & ~_umask())
+            st = os.stat(self.root)
+        except (OSError, NotRegular) as exc:
+            raise StoreError(
+                f"cannot create the store at {self.root}: {getattr(exc, 'strerror', None) or exc}. "
+                "Set --cache-dir or PIXICACHE_CACHE_DIR to a writable directory."
+            ) from exc
+        self.shared = is_shared_dir(st) if shared is None else shared
+        self.blob_mode = BLOB_MODE  # blobs are immutable; readable by every user of the node
+        self.dir_mode = SHARED_DIR_MODE if self.shared else 0o777 & ~_umask()
+        self.file_mode = SHARED_FILE_MODE if self.shared else 0o666 & ~_umask()
         self.blob_dir = self.root / "sha256"
-        self.partial_dir = self.root / "partial"
         self.lock_dir = self.root / "locks"
         self.quarantine_dir = self.root / "quarantine"
         self.index_path = self.root / "index.sqlite"
-        try:
-            for d in (self.root, self.blob_dir, self.partial_dir, self.lock_dir, self.quarantine_dir):
-                d.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create the store at {self.root}: {exc.strerror}. "
-                "Set --cache-dir or PIXICACHE_CACHE_DIR to a writable directory."
-            ) from exc
-        if shared is None:
-            shared = bool(self.root.stat().st_mode & stat.S_ISGID)
-        self.shared = shared
-        self.blob_mode = 0o444  # blobs are immutable; readable by every user of the node
-        self.index = Index(self.index_path)
-        self._init_index()
+        self.user_dir = user_area(self.root, self.shared)
+        self.partial_dir = self.user_dir / "partial"
+        self.package_cache = self.user_dir / "pkgs"
+        self.index = Index(
+            self.index_path, prepare=self._prepare_index, journal="DELETE" if self.shared else "WAL"
+        )
+        for d in (self.blob_dir, self.lock_dir, self.quarantine_dir):
+            with contextlib.suppress(OSError):  # a reader may not create them: fine until it writes
+                make_dir(d, self.dir_mode, stop=self.root)
+        with contextlib.suppress(OSError):
+            self.private_dir(self.partial_dir)
 
     # -- index ------------------------------------------------------------
-    def _init_index(self) -> None:
-        with FileLock(self.lock_dir / "index.lock", mode=self._lock_mode):
+    def _prepare_index(self) -> None:
+        """Create the index with the store's file mode (SQLite gives its -wal and
+        -shm files the same mode) and set it up, once, under the index lock."""
+        with contextlib.suppress(FileExistsError, PermissionError):
+            publish_new(self.index_path, self.file_mode)
+        with FileLock(self.lock_dir / "index.lock", mode=self.file_mode):
             self.index.create()
 
     def _db(self) -> sqlite3.Connection:
@@ -153,19 +197,50 @@ class Store:
 
     # -- files ------------------------------------------------------------
     def make_dirs(self, path: Path) -> None:
-        """Create ``path`` (and its parents) inside the store."""
-        path.mkdir(parents=True, exist_ok=True)
+        """Create ``path`` (and its parents) inside the store, with the store's mode."""
+        try:
+            make_dir(path, self.dir_mode, stop=self.root)
+        except NotRegular as exc:
+            raise StoreError(
+                f"{exc.path} is {exc.what}: a store path was replaced by something else; "
+                "remove it (as its owner or root)"
+            ) from None
+        except OSError as exc:
+            raise self.os_error(exc, f"creating {path}") from exc
+
+    def private_dir(self, path: Path) -> Path:
+        """Create (if needed) and return a directory in this user's own area
+        (:mod:`pixicache.userarea`), which must be this user's alone."""
+        if self.user_dir != self.root:
+            make_dir(self.user_dir, PRIVATE_DIR_MODE)
+            try:
+                check_private(self.user_dir)
+            except NotRegular as exc:
+                raise StoreError(
+                    f"{exc.path} is {exc.what}: pixicache keeps this user's partial downloads, "
+                    "package cache and unpacked agent there, so it refuses it. Remove it (as its "
+                    "owner or root); see 'A store shared by several users' in the README"
+                ) from None
+        make_dir(path, self.dir_mode if self.user_dir == self.root else PRIVATE_DIR_MODE, stop=self.user_dir)
+        return path
 
     def partial_path(self, name: str) -> Path:
         """The partial file of a download (``name``: a digest or a URL key)."""
         return self.partial_dir / f"{name}.part"
 
     def open_partial(self, path: Path) -> BinaryIO:
-        """Open (or create) a partial file for appending and reading."""
+        """Open (or create) a partial file for appending and reading; never through a
+        link (one planted there is removed and the file started afresh)."""
         try:
-            return open(path, "a+b")
-        except OSError as exc:
+            self.private_dir(path.parent)
+            try:
+                fd = open_regular(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, self.file_mode)
+            except NotRegular:
+                os.unlink(path)  # a link or special file where our partial goes: never ours
+                fd = create_exclusive(path, self.file_mode, os.O_RDWR | os.O_APPEND)
+        except (OSError, NotRegular) as exc:
             raise self.os_error(exc, f"opening {path.name}") from exc
+        return os.fdopen(fd, "a+b")
 
     def os_error(self, exc: OSError, doing: str) -> StoreError:
         """The :class:`StoreError` (:class:`StoreFull` for ENOSPC/EDQUOT) for ``exc``."""
@@ -173,6 +248,13 @@ class Store:
             return StoreFull(
                 f"no space left in the store {self.root} while {doing}: free space, lower "
                 "--max-size, or run `pixicache cache gc`"
+            )
+        if isinstance(exc, PermissionError):
+            return StoreError(
+                f"this user (uid {os.getuid()}) cannot write to the store {self.root} "
+                f"({doing}: {exc.strerror}): make it usable by the group of its users (see "
+                "'A store shared by several users' in the README) or point "
+                "PIXICACHE_CACHE_DIR at a store of your own"
             )
         return StoreError(f"cannot write to the store {self.root} ({doing}): {exc}")
 
@@ -184,16 +266,47 @@ class Store:
         return self.blob_dir / sha256[:2] / sha256
 
     def has(self, sha256: str, size: int | None = None) -> bool:
-        """True if the blob is present (and of ``size`` bytes, when given)."""
+        """True if the blob is present as a regular file (of ``size`` bytes, when given).
+
+        A link or special file at a blob's path is not a blob (see :meth:`check`).
+        """
         try:
-            st = self.path_for(sha256).stat()
+            st = os.lstat(self.path_for(sha256))
         except FileNotFoundError:
             return False
-        return size is None or st.st_size == size
+        return stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size)
+
+    def check(self, sha256: str, size: int | None = None) -> str | None:
+        """Why the entry at a blob's path is not a usable blob, or ``None`` (it is, or
+        nothing is there): a link, a special file, or the wrong size."""
+        try:
+            st = os.lstat(self.path_for(sha256))
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return f"{describe(st)} (owner uid {st.st_uid}) stands where the blob belongs"
+        if size is not None and st.st_size != size:
+            return f"it holds {st.st_size} bytes, not the {size} the lock records"
+        return None
+
+    def open_blob(self, sha256: str, size: int | None = None) -> BinaryIO:
+        """Open a present blob for reading: a regular file of ``size`` bytes, never a link.
+
+        Raises:
+            FileNotFoundError: the blob is absent.
+            NotRegular: a link or special file stands there, or the size is wrong.
+        """
+        path = self.path_for(sha256)
+        fd = open_regular(path)
+        have = os.fstat(fd).st_size
+        if size is not None and have != size:
+            os.close(fd)
+            raise NotRegular(path, f"a file of {have} bytes (the lock records {size})")
+        return os.fdopen(fd, "rb")
 
     def lock(self, sha256: str, *, timeout: float | None = None) -> FileLock:
         """The exclusive lock a writer holds while filling ``sha256``."""
-        return FileLock(self.lock_dir / f"{sha256}.lock", timeout=timeout, mode=self._lock_mode)
+        return FileLock(self.lock_dir / f"{sha256}.lock", timeout=timeout, mode=self.file_mode)
 
     @contextlib.contextmanager
     def pin(self, sha256: str) -> Iterator[Path]:
@@ -201,15 +314,15 @@ class Store:
 
         ``gc`` skips pinned blobs. Raises :class:`FileNotFoundError` if absent.
         """
-        with FileLock(self.lock_dir / f"{sha256}.lock", shared=True, mode=self._lock_mode):
+        with FileLock(self.lock_dir / f"{sha256}.lock", shared=True, mode=self.file_mode):
             path = self.path_for(sha256)
-            if not path.exists():
+            if not self.has(sha256):
                 raise FileNotFoundError(path)
             yield path
 
     @property
     def _lock_mode(self) -> int:
-        return 0o666 if self.shared else 0o644
+        return self.file_mode
 
     def writer(self, artifact: Artifact) -> BlobWriter:
         """A :class:`BlobWriter` for ``artifact``; hold :meth:`lock` around it."""
@@ -228,13 +341,17 @@ class Store:
                 return w.commit()
 
     def iter_blobs(self) -> Iterator[tuple[str, Path, os.stat_result]]:
-        """Every committed blob: (sha256, path, stat)."""
-        for sub in sorted(self.blob_dir.iterdir()):
-            if not sub.is_dir():
+        """Every committed blob: (sha256, path, stat); links and special files are skipped."""
+        try:
+            subs = sorted(os.scandir(self.blob_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for sub in subs:
+            if not sub.is_dir(follow_symlinks=False):
                 continue
-            for entry in os.scandir(sub):
-                if is_sha256(entry.name):
-                    yield entry.name, Path(entry.path), entry.stat()
+            for entry in os.scandir(sub.path):
+                if is_sha256(entry.name) and entry.is_file(follow_symlinks=False):
+                    yield entry.name, Path(entry.path), entry.stat(follow_symlinks=False)
 
     # -- maintenance ------------------------------------------------------
     def info(self) -> StoreInfo:
@@ -244,41 +361,85 @@ class Store:
             blobs += 1
             total += st.st_size
         parts = [p.stat().st_size for p in self.partial_dir.glob("*.part")]
-        quarantined = sum(1 for _ in self.quarantine_dir.iterdir())
-        urls = self.index.url_count()
+        quarantined = sum(1 for _ in self.quarantine_dir.iterdir()) if self.quarantine_dir.is_dir() else 0
+        try:
+            urls: int | None = self.index.url_count()
+        except StoreError:
+            urls = None  # a reader that may not open the index
+
         return StoreInfo(self.root, blobs, total, len(parts), sum(parts), quarantined, urls)
 
     def verify(self, digests: Iterable[str] | None = None, *, wait: float = 0) -> VerifyReport:
         """Re-hash every blob (or those of ``digests``); move bad ones to
-        ``quarantine/`` and forget them.
+        ``quarantine/`` and forget them. Anything but a regular file at a blob's path
+        (a planted link) is bad too, whatever it points to.
 
         A blob that is being written or read is skipped, unless ``wait`` > 0:
-        then verify waits up to that many seconds for it to become idle.
+        then verify waits up to that many seconds for it to become idle. A blob
+        that another process removed or quarantined meanwhile is skipped.
+
+        Raises:
+            StoreError: a bad blob cannot be moved aside (the message names it).
         """
         report = VerifyReport()
         if digests is None:
-            blobs = list(self.iter_blobs())
+            names = [sha for sha, _, _ in self.iter_blobs()]
+            names += self._non_regular_blobs()
         else:
-            blobs = []
-            for sha in set(digests):
-                path = self.path_for(sha)
-                with contextlib.suppress(FileNotFoundError):
-                    blobs.append((sha, path, path.stat()))
-        for sha, path, st in blobs:
+            names = sorted(set(digests))
+        for sha in names:
+            if not os.path.lexists(self.path_for(sha)):
+                continue
             lock = self._lock_if_idle(sha, wait)
             if lock is None:
                 continue  # being written or used right now: not ours to judge
             try:
-                actual = hash_file(path)
-                report.checked += 1
-                report.bytes += st.st_size
-                if actual != sha:
-                    report.bad.append((sha, f"content hashes to {actual}"))
-                    os.replace(path, self.quarantine_dir / f"{sha}.{int(time.time())}")
-                    self._forget(sha)
+                self._verify_one(sha, report)
             finally:
                 lock.release()
         return report
+
+    def _verify_one(self, sha: str, report: VerifyReport) -> None:
+        path = self.path_for(sha)
+        try:
+            st = os.lstat(path)
+            why = None if stat.S_ISREG(st.st_mode) else self.check(sha)
+            if why is None:
+                actual = hash_file(path)
+                report.checked += 1
+                report.bytes += st.st_size
+                why = None if actual == sha else f"content hashes to {actual}"
+        except FileNotFoundError:
+            return  # a neighbour quarantined or removed it meanwhile
+        if why is None:
+            return
+        report.bad.append((sha, why))
+        try:
+            os.replace(path, self.quarantine_dir / f"{sha}.{int(time.time())}")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(
+                f"the blob {path} is bad ({why}) and cannot be moved to {self.quarantine_dir}: "
+                f"{exc.strerror}. Remove it (as its owner or root)"
+            ) from None
+        self._forget(sha)
+
+    def _non_regular_blobs(self) -> list[str]:
+        """Names at blob paths that are not regular files (links, directories...)."""
+        out: list[str] = []
+        try:
+            subs = list(os.scandir(self.blob_dir))
+        except FileNotFoundError:
+            return out
+        for sub in subs:
+            if sub.is_dir(follow_symlinks=False):
+                out += [
+                    e.name
+                    for e in os.scandir(sub.path)
+                    if is_sha256(e.name) and not e.is_file(follow_symlinks=False)
+                ]
+        return out
 
     def _forget(self, sha256: str) -> None:
         self.index.forget(sha256)

@@ -12,10 +12,11 @@ exist (``plan``) never open the database.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,15 +46,40 @@ class Index:
     """The URL → digest and last-use records of one store.
 
     Args:
-        path: the database file (created by :meth:`create`).
+        path: the database file.
+        prepare: called once, before the first connection is opened: creates the
+            file with the store's mode and calls :meth:`create` (under the store's
+            index lock). The database is not touched before it is first used.
+        journal: SQLite's journal mode. ``WAL`` (readers never wait) for a store of
+            one user; ``DELETE`` for a store shared by several users: in WAL mode
+            every connection maps the ``-shm`` file, which SQLite creates with the
+            umask's mode and only then widens, so a second user opening it in that
+            instant is silently read-only for good ("attempt to write a readonly
+            database"); a rollback journal is only ever opened by the writer that
+            holds the lock.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, prepare: Callable[[], None] | None = None, *, journal: str = "WAL"
+    ) -> None:
         self.path = path
+        self.journal = journal
         self._local = threading.local()
+        self._prepare = prepare
+        self._prepared = prepare is None
+        self._prepare_lock = threading.Lock()
 
     def connection(self) -> sqlite3.Connection:
-        """This thread's connection (opened on first use)."""
+        """This thread's connection (opened on first use, after :attr:`prepare`)."""
+        if not self._prepared:
+            with self._prepare_lock:
+                if not self._prepared:
+                    assert self._prepare is not None
+                    self._prepare()
+                    self._prepared = True
+        return self._open()
+
+    def _open(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
@@ -68,8 +94,8 @@ class Index:
     def create(self) -> None:
         """Set the database up (WAL journal, tables); idempotent."""
         try:
-            conn = self.connection()
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = self._open()
+            conn.execute(f"PRAGMA journal_mode={self.journal}")
             conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise self._error(exc) from exc
@@ -86,9 +112,10 @@ class Index:
         text = str(exc)
         if "readonly" in text or "unable to open" in text:
             return StoreError(
-                f"the store index {self.path} cannot be written by this user ({text}): "
-                "give the store's group write access to it and to its -wal/-shm files "
-                "(see 'A store shared by several users' in the README)"
+                f"the store index {self.path} cannot be written by this user (uid "
+                f"{os.getuid()}: {text}): give the store's group write access to it and to "
+                "its -wal/-shm files (see 'A store shared by several users' in the README), "
+                "or point PIXICACHE_CACHE_DIR at a store of your own"
             )
         return StoreError(
             f"the store index {self.path} is unusable ({text}); move it aside: "

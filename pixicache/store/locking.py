@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from pixicache.errors import StoreError
+from pixicache.store.files import NotRegular, create_exclusive, open_regular
+
 
 class LockTimeout(TimeoutError):
     """The lock could not be taken within the time allowed."""
@@ -51,11 +54,46 @@ class FileLock:
     def held(self) -> bool:
         return self._fd is not None
 
+    def _open(self) -> int:
+        """Open (or create, with exactly ``mode``) the lock file, never through a link.
+
+        A lock file another user created may be read-only to us: ``flock`` works
+        on a read-only descriptor too.
+        """
+        try:
+            try:
+                return create_exclusive(self.path, self.mode)
+            except FileExistsError:
+                pass
+            try:
+                return open_regular(self.path, os.O_RDWR)
+            except PermissionError:
+                return open_regular(self.path, os.O_RDONLY)
+        except NotRegular as exc:
+            raise StoreError(
+                f"the lock file {exc.path} is {exc.what}, not a regular file: pixicache never "
+                "opens a store file through a link. Remove it (as its owner or root) and "
+                "check who can write to the store"
+            ) from None
+        except PermissionError as exc:
+            raise StoreError(
+                f"cannot open the lock file {self.path}: {exc.strerror}. This user (uid "
+                f"{os.getuid()}) cannot write to the store there; make the store usable by "
+                "the group of its users (see 'A store shared by several users' in the "
+                "README: chgrp -R GROUP STORE; chmod -R g+rwX STORE; find STORE -type d "
+                "-exec chmod g+s,+t {} +) or point PIXICACHE_CACHE_DIR at a store of your own"
+            ) from None
+
     def acquire(self) -> FileLock:
-        """Take the lock, waiting up to ``timeout``; raise :class:`LockTimeout`."""
+        """Take the lock, waiting up to ``timeout``; raise :class:`LockTimeout`.
+
+        Raises:
+            StoreError: the lock file cannot be opened (no permission, or it is
+                a planted link or special file): the message names it.
+        """
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held by this object")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self.mode)
+        fd = self._open()
         op = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         try:
             if self.timeout is None:

@@ -727,3 +727,22 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+@contextlib.contextmanager
+def mirrored_upstream(
+    root: Path, cache_dir: Path, channel: str = "conda-forge"
+) -> Iterator[tuple[str, UpstreamServer]]:
+    """A counting upstream serving ``root`` with a real ``pixicache serve`` mirror in front
+    (cold, its store at ``cache_dir``): yields ``(mirror URL, upstream)``."""
+    from pixicache.serve import ServeConfig, Upstream, start_background
+
+    with UpstreamServer(root) as upstream:
+        cfg = ServeConfig(
+            cache_dir=cache_dir,
+            port=0,
+            upstreams=[Upstream.make(channel, f"{upstream.url}/{channel}")],
+            log_requests=False,
+        )
+        with start_background(cfg) as srv:
+            yield srv.url.rstrip("/"), upstream

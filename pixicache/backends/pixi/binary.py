@@ -115,7 +115,9 @@ class VerifiedPixi:
 
 
 def _pixi_root(store: Store) -> Path:
-    return store.root / "pixi"
+    """Verified Pixi binaries: in this user's own area of a shared store (a binary
+    another user unpacked is never run)."""
+    return store.user_dir / "pixi"
 
 
 def binary_path(store: Store, version: str, target: str) -> Path:

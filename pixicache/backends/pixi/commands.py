@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
@@ -80,11 +81,18 @@ def pixi_run_argv(
 def pixi_environment(
     package_cache: str | os.PathLike[str], base: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The process environment for ``pixi install`` (see the module doc)."""
+    """The process environment for ``pixi install`` (see :mod:`pixicache.installers.pixi`).
+
+    Pixi keeps extracted conda packages in ``$PIXI_CACHE_DIR/pkgs`` (rattler's
+    ``PACKAGE_CACHE_DIR``), so the cache root handed to Pixi is the parent of the
+    node's package cache ``.../pkgs``: Pixi and the rattler installer share one
+    package cache per node (and user).
+    """
     env = dict(os.environ if base is None else base)
     for key in _DROPPED_ENV:
         env.pop(key, None)
-    cache = os.fspath(package_cache)
+    pkgs = Path(package_cache)
+    cache = os.fspath(pkgs.parent if pkgs.name == "pkgs" else pkgs)
     env["PIXI_CACHE_DIR"] = cache
     env["RATTLER_CACHE_DIR"] = cache
     env["PIXI_NO_PROGRESS"] = "1"

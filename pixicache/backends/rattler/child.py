@@ -5,10 +5,16 @@ so every call into it happens here, in a process that prints one JSON line on
 stdout and ends with ``os._exit``. It imports only the standard library and
 ``rattler``, to start fast. Usage::
 
-    python -m pixicache.backends.rattler.child install '<json request>'
-    python -m pixicache.backends.rattler.child activate '<json request>'
+    python .../backends/rattler/child.py [--rattler-path DIR] install '<json request>'
+    python .../backends/rattler/child.py [--rattler-path DIR] activate '<json request>'
 
 A request may also be given as ``@path`` (a file holding the JSON).
+``--rattler-path`` puts a directory holding the ``rattler`` package first on
+``sys.path`` (the bundle's unpacked py-rattler build). The child works with
+py-rattler 0.28 and 0.25 (the newest release for Python 3.8/3.9): it uses only
+the API they share (``LockFile``, ``install``, ``MirrorMiddleware``,
+``shell.activate``) and reads the build string with ``str()`` (a plain ``str``
+in 0.25, a ``BuildString`` in 0.28).
 
 ``install`` request keys: ``lock``, ``environment``, ``platform``, ``prefix``
 (absolute), ``package_cache``, ``mirrors`` (channel URL -> list of mirror
@@ -287,7 +293,7 @@ def _records(lock: str, environment: str, platform: str) -> list[Any]:
 
 
 def _entry(rec: Any) -> str:
-    return f"{rec.name.normalized}-{rec.version}-{rec.build}"
+    return f"{rec.name.normalized}-{rec.version}-{rec.build!s}"
 
 
 async def _install(records: list[Any], req: dict[str, Any], reinstall: set[str] | None) -> int:
@@ -410,6 +416,9 @@ COMMANDS = {"install": cmd_install, "activate": cmd_activate}
 
 def main(argv: list[str]) -> int:
     """Run one command; print its JSON answer; return the exit code (0 or 5)."""
+    if argv[:1] == ["--rattler-path"] and len(argv) >= 2:
+        sys.path.insert(0, argv[1])
+        argv = argv[2:]
     if len(argv) != 2 or argv[0] not in COMMANDS:
         print(json.dumps({"ok": False, "error": f"usage: {sorted(COMMANDS)} <json|@file>"}))
         return 2

@@ -14,7 +14,7 @@ def rattler_available() -> tuple[bool, str]:
     """Whether py-rattler can be used by this process, and why (one sentence).
 
     From a bundle: the launcher's decision (Python version, platform, and the
-    cached import probe). Otherwise: Python >= 3.10 and ``rattler`` importable
+    cached import probe). Otherwise: Python >= 3.8 and ``rattler`` importable
     (found, not imported: importing is left to the installer's child process).
     """
     runtime = bundle_runtime()
@@ -24,7 +24,7 @@ def rattler_available() -> tuple[bool, str]:
 
     if sys.version_info < RATTLER_MIN_PYTHON:
         version = ".".join(str(v) for v in sys.version_info[:3])
-        return False, f"py-rattler needs Python >= 3.10; this is Python {version} ({sys.executable})"
+        return False, f"py-rattler needs Python >= 3.8; this is Python {version} ({sys.executable})"
     spec = importlib.util.find_spec("rattler")
     if spec is None:
         return False, "py-rattler is not installed (pip install 'pixicache[rattler]')"

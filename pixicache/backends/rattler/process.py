@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pixicache.bundle.runtime import bundle_runtime
 from pixicache.errors import InstallError
 
 __all__ = ["CHILD_SCRIPT", "run_child"]
@@ -30,8 +31,11 @@ def run_child(
     Raises:
         InstallError: the child failed, crashed or answered nonsense.
     """
-    # The child is a stdlib-only script: run it by path (no package import to pay for).
-    argv = [sys.executable, str(CHILD_SCRIPT), command, json.dumps(payload)]
+    # The child is a stdlib-only script: run it by path (no package import to pay for),
+    # told where the bundle's py-rattler build is (never through PYTHONPATH).
+    runtime = bundle_runtime()
+    where = ["--rattler-path", str(runtime.rattler_dir)] if runtime and runtime.rattler_dir else []
+    argv = [sys.executable, str(CHILD_SCRIPT), *where, command, json.dumps(payload)]
     try:
         proc = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
