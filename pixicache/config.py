@@ -73,13 +73,18 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class Settings:
-    """The effective settings, with where each came from (for ``--verbose``)."""
+    """The effective settings, with where each came from (for ``--verbose``).
+
+    ``require_sha256``: refuse lock entries pinned by MD5 alone (``--require-sha256``,
+    ``PIXICACHE_REQUIRE_SHA256=1``, ``require_sha256 = true`` in the config file).
+    """
 
     cache_dir: Path
     sources: list[str]
     jobs: int
     file: dict[str, Any] = field(default_factory=dict)
     origin: dict[str, str] = field(default_factory=dict)
+    require_sha256: bool = False
 
 
 def resolve_settings(
@@ -87,6 +92,7 @@ def resolve_settings(
     cache_dir: str | os.PathLike[str] | None = None,
     sources: list[str] | tuple[str, ...] | None = None,
     jobs: int | None = None,
+    require_sha256: bool | None = None,
 ) -> Settings:
     """Combine command line, environment, config file and defaults."""
     file = load_config_file()
@@ -130,7 +136,25 @@ def resolve_settings(
         njobs, origin["jobs"] = DEFAULT_JOBS, "default"
     if njobs < 1:
         raise ConfigError(f"jobs must be at least 1 (got {njobs} from {origin['jobs']})")
-    return Settings(cache_dir=cdir.expanduser(), sources=srcs, jobs=njobs, file=file, origin=origin)
+    strict = _require_sha256(require_sha256, file)
+    return Settings(
+        cache_dir=cdir.expanduser(), sources=srcs, jobs=njobs, file=file, origin=origin,
+        require_sha256=strict,
+    )  # fmt: skip
+
+
+def _require_sha256(given: bool | None, file: dict[str, Any]) -> bool:
+    if given:
+        return True
+    env = os.environ.get("PIXICACHE_REQUIRE_SHA256", "").strip().lower()
+    if env:
+        if env not in ("0", "1", "true", "false", "yes", "no"):
+            raise ConfigError(f"PIXICACHE_REQUIRE_SHA256 must be 1 or 0, not {env!r}")
+        return env in ("1", "true", "yes")
+    value = file.get("require_sha256", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{config_path()}: require_sha256 must be true or false")
+    return value
 
 
 def parse_size(text: str) -> int:

@@ -166,7 +166,7 @@ class PackageFactory:
         pkg = LockPackage(
             kind="pypi",
             url=(
-                f"https://files.pythonhosted.org/packages/{_hex(rng, 2)}/{_hex(rng, 2)}/"
+                f"https://pypi-files.example.org/packages/{_hex(rng, 2)}/{_hex(rng, 2)}/"
                 f"{_hex(rng, 60)}/{dist}-{version}-{tag}.whl"
             ),
             sha256=_digest(rng),
@@ -188,6 +188,41 @@ class PackageFactory:
             plat: [self.conda(s, plat) for s in specs] + [self.wheel(w, plat) for w in pypi or []]
             for plat in platforms
         }
+
+
+_PYPI_KINDS = [
+    LockPackage(
+        kind="pypi",
+        url="https://pypi-files.example.org/packages/1f/2e/3d/antlr4-python3-runtime-4.9.3.tar.gz",
+        sha256="f224469b4168294902bb1efa80a8bf7855f24c99aef99cbefc1bcd3cce77f04b",
+        name="antlr4-python3-runtime",
+        version="4.9.3",
+    ),
+    LockPackage(kind="pypi", url="./vendor/helper-0.1-py3-none-any.whl", sha256=None, name="helper", version="0.1"),
+    LockPackage(kind="pypi", url=".", sha256=None, name="myproject", version="0.1.0", editable=True),
+    LockPackage(
+        kind="pypi",
+        url="git+https://git.example.org/lab/tool.git?rev=main#5f9c5cbd1fd0b1d7e8e1f2a3b4c5d6e7f8091a2b",
+        sha256=None,
+        name="tool",
+        version="1.2.0",
+    ),
+]
+
+
+def _md5_only(
+    env: dict[str, list[LockPackage]], every: int
+) -> dict[str, list[LockPackage]]:
+    """``env`` with every ``every``-th conda package pinned by md5 alone."""
+    import dataclasses
+
+    out = {}
+    for plat, pkgs in env.items():
+        out[plat] = [
+            dataclasses.replace(p, sha256=None) if p.kind == "conda" and i % every == 0 else p
+            for i, p in enumerate(pkgs)
+        ]
+    return out
 
 
 def _from_locked(pkg: LockedPackage) -> LockPackage:
@@ -245,6 +280,19 @@ def _generated_cases() -> dict[str, tuple[int, dict[str, dict[str, list[LockPack
                 "test": f.environment(four, _CONDA_SPECS + _TEST_SPECS),
             },
         )
+
+    # md5-only conda entries (old channels publish no sha256), in every version
+    for version in (4, 5, 6, 7):
+        f = PackageFactory(seed=70 + version, tar_bz2_every=2)
+        env = f.environment(["linux-64"], _CONDA_SPECS, _PYPI_SPECS[:1])
+        cases[f"gen-v{version}-md5-only"] = (version, {"default": _md5_only(env, every=3)})
+
+    # every kind of PyPI entry: wheels, an sdist, a path, an editable path, git
+    f = PackageFactory(seed=80)
+    env = f.environment(["linux-64", "osx-arm64"], _CONDA_SPECS[:6], _PYPI_SPECS[:2])
+    for plat in env:
+        env[plat] = env[plat] + _PYPI_KINDS
+    cases["gen-v6-pypi-kinds"] = (6, {"default": env})
 
     f = PackageFactory(seed=61, tar_bz2_every=3)
     cases["gen-v6-pypi-heavy"] = (
@@ -434,11 +482,13 @@ def test_agrees_with_rattler(
         assert set(by_url) == {p.url for p in given}, key
         for p in given:
             row = by_url[p.url]
+            # py-rattler reads a project directory's version as dynamic (built on install)
+            is_dir = p.kind == "pypi" and not p.is_url and not p.url.endswith((".whl", ".tar.gz"))
             assert (row["kind"], row["sha256"], row["name"], row["version"]) == (
                 p.kind,
                 p.sha256,
                 p.name,
-                p.version,
+                "<dynamic>" if is_dir else p.version,
             )
             if p.kind == "conda":
                 assert (row["build"], row["build_number"], row["subdir"], row["noarch"]) == (
@@ -460,6 +510,18 @@ def test_agreement_covers_what_the_issue_asks(
     assert {lock.version for lock in locks.values()} == {4, 5, 6, 7}
     arts = [a for lock in locks.values() for a in lock.artifacts(env=None)]
     assert {a.kind for a in arts} == {"conda", "pypi"}
+    md5_only = {lock.version for lock in locks.values() for a in lock.artifacts(env=None) if a.md5_only}
+    assert md5_only == {4, 5, 6, 7}
+    pypi = [
+        p
+        for lock in locks.values()
+        for e in lock.environments()
+        for plat in lock.platforms(e)
+        for p in lock.packages(e, plat)
+        if p.kind == "pypi"
+    ]
+    assert any(p.url.endswith(".tar.gz") for p in pypi) and any(p.url.startswith("git+") for p in pypi)
+    assert any(p.editable for p in pypi)
     assert any(a.filename.endswith(".tar.bz2") for a in arts)
     assert any(a.filename.endswith(".conda") for a in arts)
     assert {"linux-64", "osx-arm64", "win-64", "linux-aarch64", "noarch"} <= {
@@ -587,12 +649,12 @@ def test_legacy_pypi_hash_mapping_is_read() -> None:
     lock = Lock.parse(
         _lock_text(
             4,
-            refs="- pypi: https://files.pythonhosted.org/packages/aa/bb/six-1.16.0-py2.py3-none-any.whl",
+            refs="- pypi: https://pypi-files.example.org/packages/aa/bb/six-1.16.0-py2.py3-none-any.whl",
             packages=f"""
             - kind: pypi
               name: six
               version: 1.16.0
-              url: https://files.pythonhosted.org/packages/aa/bb/six-1.16.0-py2.py3-none-any.whl
+              url: https://pypi-files.example.org/packages/aa/bb/six-1.16.0-py2.py3-none-any.whl
               hash:
                 sha256: {"AB" * 32}
             """,
@@ -612,7 +674,7 @@ def test_render_is_deterministic_and_pixi_shaped(tmp_path: Path) -> None:
     assert (
         "\n  default:\n    channels:\n    - url: https://conda.anaconda.org/conda-forge/\n" in text
     )
-    assert "    indexes:\n    - https://pypi.org/simple\n" in text
+    assert "    indexes:\n    - https://pypi-files.example.org/simple\n" in text
     v4 = render_lock(envs, version=4)
     assert "\n- kind: conda\n  name: " in v4 and "indexes" not in v4
     # The shared lock re-rendered as v6 is the shared lock, byte for byte, except
@@ -731,17 +793,22 @@ ERROR_CASES: dict[str, tuple[str, Any, list[str]]] = {
         lambda lock: lock.artifacts(None, "win-64"),
         ["'win-64'", "linux-64"],
     ),
-    "conda-without-sha256": (
+    "conda-md5-only-with-sha256-required": (
         _lock_text(6, packages=f"- conda: {_URL}\n  md5: {'c' * 32}\n  size: 10"),
+        lambda lock: lock.artifacts(require_sha256=True),
+        [_URL, "md5 alone", "--require-sha256", "'default'", "'linux-64'"],
+    ),
+    "conda-without-any-digest": (
+        _lock_text(6, packages=f"- conda: {_URL}\n  size: 10"),
         lambda lock: lock.artifacts(),
         [_URL, "no sha256", "'default'", "'linux-64'"],
     ),
     "pypi-without-sha256": (
         _lock_text(
             5,
-            refs="- pypi: https://files.pythonhosted.org/packages/aa/bb/six-1.16.0-py2.py3-none-any.whl",
+            refs="- pypi: https://pypi-files.example.org/packages/aa/bb/six-1.16.0-py2.py3-none-any.whl",
             packages="- kind: pypi\n  name: six\n  version: 1.16.0\n"
-            "  url: https://files.pythonhosted.org/packages/aa/bb/six-1.16.0-py2.py3-none-any.whl",
+            "  url: https://pypi-files.example.org/packages/aa/bb/six-1.16.0-py2.py3-none-any.whl",
         ),
         lambda lock: lock.artifacts(),
         ["six-1.16.0-py2.py3-none-any.whl", "no sha256", "pypi"],

@@ -135,16 +135,16 @@ version: 6
 environments:
   default:
     channels: [{url: "https://conda.anaconda.org/robostack/"}]
-    indexes: ["https://pypi.org/simple"]
+    indexes: ["https://pypi.example.org/simple"]
     packages:
       linux-64:
       - conda: https://conda.anaconda.org/robostack/linux-64/ros-x-1.0-h0_0.tar.bz2
-      - pypi: https://files.pythonhosted.org/packages/aa/bb/demo-1.0-py3-none-any.whl
+      - pypi: https://pypi-files.example.org/packages/aa/bb/demo-1.0-py3-none-any.whl
 packages:
 - conda: https://conda.anaconda.org/robostack/linux-64/ros-x-1.0-h0_0.tar.bz2
   md5: 0123456789abcdef0123456789abcdef
   size: 10
-- pypi: https://files.pythonhosted.org/packages/aa/bb/demo-1.0-py3-none-any.whl
+- pypi: https://pypi-files.example.org/packages/aa/bb/demo-1.0-py3-none-any.whl
   name: demo
   version: '1.0'
   sha256: 5aaa366385d716557e365f0a4e9c3fca43ba196872abbbe3d56bb610d131e192

@@ -30,6 +30,10 @@ from pixicache.testing.locks import LockPackage, write_lock
 
 CF = "https://conda.anaconda.org/conda-forge"
 OTHER = "https://repo.example.org:8443/conda-forge"
+# PyPI as a lock records it: an index URL, and files on another host (no real host named)
+INDEX = "https://index.example.org/simple"
+FILES = "https://files.example.net"
+WHEEL_URL = f"{FILES}/packages/ab/cd/ef/wheelpkg-1.0-py3-none-any.whl"
 
 STANDIN = r"""#!{python} -S
 import hashlib, json, os, sys, tomllib, urllib.error, urllib.request
@@ -86,7 +90,7 @@ class Workspace:
     """A workspace whose lock points at conda-forge (and a second host), with every
     artifact already verified in the node store."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, pypi: bool = False) -> None:
         self.tmp = tmp
         self.ws = tmp / "ws"
         self.ws.mkdir()
@@ -112,10 +116,17 @@ class Workspace:
                     size=len(data),
                 )
             )
+        if pypi:
+            data = blob("wheelpkg")
+            self.pkgs[WHEEL_URL] = data
+            lock_pkgs.append(
+                LockPackage("pypi", WHEEL_URL, hashlib.sha256(data).hexdigest(), "wheelpkg", "1.0")
+            )
         write_lock(
             self.ws / "pixi.lock",
             {"default": {"linux-64": lock_pkgs}},
             channels=[CF + "/", OTHER + "/"],
+            indexes=[INDEX] if pypi else None,
         )
         (self.ws / "pixi.toml").write_text(
             '[workspace]\nname = "t"\nchannels = ["conda-forge"]\nplatforms = ["linux-64"]\n'
@@ -215,6 +226,38 @@ def test_install_runs_pixi_frozen_with_every_channel_mirrored_to_the_store_view(
     assert result.prefix == ws.ws / ".pixi" / "envs" / "default"
     assert (result.prefix / "conda-meta" / "alpha-1.0-h0_0.json").exists()
     assert any("404" in n for n in result.notes)  # the repodata request
+
+
+def test_pypi_index_and_file_host_of_the_lock_are_mirrored_to_the_store_view(
+    tmp_path, monkeypatch
+):
+    """Both PyPI URLs Pixi's configuration reference names (the simple index and the
+    file host) are mapped, taken from the lock; the view answers the index's project
+    page with the locked file, and the file itself from the store."""
+    w = Workspace(tmp_path, pypi=True)
+    monkeypatch.setenv("STANDIN_RECORD", str(w.record))
+    monkeypatch.setenv("STANDIN_FETCH", f"{WHEEL_URL} {INDEX}/wheelpkg/ {INDEX}/other/")
+    monkeypatch.setenv("STANDIN_PACKAGES", "alpha-1.0-h0_0 beta-1.0-h0_0 gamma-1.0-h0_0")
+    result = PixiInstaller().install(w.request())
+    import tomllib
+
+    (rec,) = w.records()
+    mirrors = tomllib.loads(rec["config_text"])["mirrors"]
+    assert set(mirrors) == {CF, OTHER, INDEX, FILES}
+    view = mirrors[CF][0].rsplit("/conda.anaconda.org/", 1)[0]
+    assert mirrors[INDEX] == [f"{view}/index.example.org/simple"]
+    assert mirrors[FILES] == [f"{view}/files.example.net"]
+    target, status, sha = rec["fetched"][WHEEL_URL]
+    assert target == f"{view}/files.example.net/packages/ab/cd/ef/wheelpkg-1.0-py3-none-any.whl"
+    assert status == 200 and sha == hashlib.sha256(w.pkgs[WHEEL_URL]).hexdigest()
+    page_url, status, _ = rec["fetched"][f"{INDEX}/wheelpkg/"]
+    assert page_url == f"{view}/index.example.org/simple/wheelpkg/" and status == 200
+    assert rec["fetched"][f"{INDEX}/other/"][1] == 404  # not in the lock: not in the view
+    with StoreView(w.store, w.lock.artifacts("default", "linux-64"), indexes=[INDEX]) as v:
+        text = httpx.get(f"{v.url}/index.example.org/simple/wheelpkg/").text
+        assert f'href="{v.url}/files.example.net/packages/ab/cd/ef/wheelpkg-1.0-py3-none-any.whl#sha256=' in text
+        assert httpx.get(f"{v.url}/index.example.org/simple/other/").status_code == 404
+    assert any("PyPI mirrored to the node store" in n and FILES in n for n in result.notes)
 
 
 def test_second_install_of_an_unchanged_lock_reports_no_change(ws, monkeypatch):

@@ -258,3 +258,33 @@ def test_squid_in_front_of_the_mirror_caches_archives(
     assert sum(v for k, v in warm.squid.items() if "HIT" in k) == 2 * n, warm.squid
     assert sum(warm.mirror_requests.values()) == 0 and warm.mirror_bytes < 0.01 * env
     assert not failed_checks(result), failed_checks(result)
+
+
+@pytest.fixture(scope="module")
+def pypi_workload(tmp_path_factory: pytest.TempPathFactory):
+    """The GPU lock's shape plus 20 wheels (~265 MB at scale 1.0), installed into a
+    venv-style python over the workers' python3."""
+    if WORKER_PYTHON is None:
+        pytest.skip("pyenv has no Python 3.9 here: the CI pool runs its jobs on EL9's python3")
+    return pool.prepare_workload(
+        tmp_path_factory.mktemp("pool-upstream-pypi"), SCALE, pypi_python=WORKER_PYTHON
+    )
+
+
+def test_pool_with_pypi_wheels_shares_conda_and_pypi_bytes_alike(
+    agent: Path, pypi_workload, tmp_path: Path
+) -> None:
+    """Jobs whose lock has [pypi-dependencies]: every wheel comes from upstream once
+    (through the site mirror and each node's own serve), is installed into each job's
+    environment by pixicache (INSTALLER uv-pixi), and a warm node fetches nothing."""
+    result = run(
+        tmp_path, agent, pypi_workload, nodes=2, slots=2, jobs=4, pypi=True, node_serve=True,
+        phases=("cold", "warm-nodes"),
+    )  # fmt: skip
+    cold = result.phases["cold"]
+    assert all(r.rc == 0 for r in cold.runs), explain(cold.runs)
+    assert len(pypi_workload.pypi) == 20
+    assert cold.upstream_pypi_bytes == pypi_workload.pypi_bytes > 0
+    assert cold.upstream_bytes - cold.upstream_pypi_bytes == pypi_workload.conda_bytes
+    assert all(r.checks["pypi_installed"] == 20 for r in result.phases["warm-nodes"].runs)
+    assert not failed_checks(result), failed_checks(result)

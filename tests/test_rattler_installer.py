@@ -184,11 +184,17 @@ def test_install_error_names_what_the_store_could_not_serve(tmp_path, store, dem
     assert read_state(req.prefix) is None
 
 
-def test_an_environment_with_pypi_packages_is_refused_clearly(tmp_path, store, demo_channel):
+def test_pypi_entries_need_their_wheel_in_the_store_and_a_python_of_the_prefix(
+    tmp_path, store, demo_channel
+):
+    """The rattler installer takes PyPI entries (pypa/installer), but installs nothing
+    from outside the store, and never into an interpreter that is not the prefix's own
+    (the demo channel's ``python`` is a shim running the host's: its site-packages is
+    the host's)."""
     pkgs = demo_channel.lock_packages(platform=PLATFORM)
     wheel = LockPackage(
         "pypi",
-        "https://files.pythonhosted.org/packages/ab/cd/six-1.16.0-py2.py3-none-any.whl",
+        "https://pypi-files.example.org/packages/ab/cd/six-1.16.0-py2.py3-none-any.whl",
         "ab" * 32,
         "six",
         "1.16.0",
@@ -196,10 +202,10 @@ def test_an_environment_with_pypi_packages_is_refused_clearly(tmp_path, store, d
     lock_path = write_lock(tmp_path / "ws" / "pixi.lock", {"default": {PLATFORM: [*pkgs, wheel]}})
     req = _request(tmp_path / "ws", lock_path, store)
     ok, why = RattlerInstaller.available(req)
-    assert not ok and "1 PyPI package" in why and "pixi" in why
-    with pytest.raises(InstallError, match="PyPI"):
-        choose_installer(req, "auto")
-
+    assert ok and "1 PyPI package(s) with pypa/installer" in why
+    with pytest.raises(InstallError, match="outside the environment"):
+        RattlerInstaller().install(req)
+    assert read_state(req.prefix) is None  # no marker: the next run tries again
 
 def test_choose_installer_auto_rattler_pixi_and_unknown(tmp_path, store, demo_lock):
     assert {"rattler", "pixi"} <= set(installer_plugins())
@@ -218,3 +224,13 @@ def test_choose_installer_auto_rattler_pixi_and_unknown(tmp_path, store, demo_lo
         choose_installer(req, "pixi")
     with pytest.raises(UsageError, match="unknown installer 'conda'"):
         choose_installer(req, "conda")
+
+
+def test_conda_source_packages_are_refused_by_name(tmp_path, store, demo_channel):
+    pkgs = demo_channel.lock_packages(platform=PLATFORM)
+    source = LockPackage("conda", ".", None, "my-project", "0.1.0", build="pyh0_0", subdir="noarch")
+    lock_path = write_lock(tmp_path / "ws" / "pixi.lock", {"default": {PLATFORM: [*pkgs, source]}})
+    req = _request(tmp_path / "ws", lock_path, store)
+    with pytest.raises(InstallError, match=r"conda source package\(s\) that must be built: my-project \(\.\)"):
+        RattlerInstaller().install(req)
+    assert not (req.prefix / "conda-meta").exists()  # refused before anything was linked

@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         "--wheelhouse", type=Path, default=None, help="where the pinned wheels are kept (--worker-python)"
     )
     parser.add_argument(
+        "--pypi",
+        action="store_true",
+        help="the workload with PyPI wheels: the GPU lock's shape plus ~300 MB of wheels "
+        "(at --scale 1.0) installed into a venv-style python over the worker python",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("pool-results"), help="directory for pool.md/.png/.json"
     )
     parser.add_argument(
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_python=args.worker_python,
         users=args.users,
         wheelhouse=args.wheelhouse,
+        pypi=args.pypi,
         verbose=not args.quiet,
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -22,6 +22,7 @@ CHANNEL = "conda-forge"
 
 
 TEMPLATE_BASE = "https://conda.anaconda.org/conda-forge"  # in the cached lock template
+PYPI_TEMPLATE_BASE = "http://pypi.pool-upstream.invalid"  # replaced by the upstream's /pypi
 
 
 TASK = "ready"

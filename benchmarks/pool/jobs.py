@@ -35,7 +35,16 @@ from .common import (
     worker_python,
 )
 from .servers import ServeProcess, Squid, _serve_disk_reserve, small_filesystem
-from .workload import PreparedWorkload
+from .workload import PYPI_WHEELS, PreparedWorkload
+
+
+def _installed_wheels(sb: Path) -> int:
+    """How many distributions in the job's environment uv-pixi (pixicache, as Pixi) installed."""
+    return sum(
+        1
+        for info in sb.glob(".pixi/envs/default/lib/python*/site-packages/*.dist-info")
+        if (info / "INSTALLER").is_file() and (info / "INSTALLER").read_bytes() == b"uv-pixi"
+    )
 
 
 @dataclass
@@ -98,7 +107,7 @@ class PhaseResult:
     name: str
     runs: list[JobRun]
     seconds: float
-    upstream_bytes: int  # body bytes the upstream sent for package archives
+    upstream_bytes: int  # body bytes the upstream sent for package archives (and wheels)
     upstream_requests: dict[str, int]  # archive path -> GET requests
     upstream_via_mirror: int  # archive bytes the mirror pulled (its User-Agent)
     mirror_bytes: float  # bytes the site mirror served (its metrics)
@@ -108,6 +117,7 @@ class PhaseResult:
     upstream_repeats: list[str] = field(default_factory=list)  # requests of a path asked twice+
     mirror_refused: int = 0  # requests the site mirror refused (429/503/507...)
     node_blobs: dict[int, int] = field(default_factory=dict)  # node -> blobs in its store after
+    upstream_pypi_bytes: int = 0  # of upstream_bytes, those of PyPI wheels
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -158,6 +168,7 @@ class PoolConfig:
     worker_python: str | None = None  # the jobs' python3: a path or a version ("3.9", pyenv)
     users: int = 1  # Unix users sharing each node store (> 1: setpriv uids, root only)
     wheelhouse: Path | None = None  # pinned wheels for a bundle that runs on worker_python
+    pypi: bool = False  # the workload with PyPI wheels ([pypi-dependencies]) besides conda
 
 
 @dataclass
@@ -338,7 +349,7 @@ class Pool:
             f"{self.upstream.url}/{CHANNEL}",
             mirror_dir / "serve.log",
             max_size,
-            extra=["--per-client", "0"],
+            extra=["--per-client", "0", *self._pypi_upstream(mirror_dir, None)],
         ).start()
         front = self.mirror.url
         if cfg.squid:
@@ -357,6 +368,7 @@ class Pool:
                         d / "serve-store",
                         f"{front}/{CHANNEL}",
                         d / "serve.log",
+                        extra=self._pypi_upstream(d, front),
                     ).start()
                 )
 
@@ -366,6 +378,23 @@ class Pool:
             srv.stop()
             shutil.rmtree(srv.cache_dir, ignore_errors=True)
             srv.start()
+
+    def _pypi_upstream(self, where: Path, front: str | None) -> list[str]:
+        """``serve`` arguments for the PyPI workload's file host: the upstream's
+        ``/pypi/packages`` for the site mirror; for a node serve the site mirror's
+        ``/pypi-files``, standing in for the upstream URLs the lock names (an alias)."""
+        if not self.wl.pypi:
+            return []
+        files = f"{self.upstream.url}/pypi/packages"
+        if front is None:
+            return ["--upstream", f"pypi-files={files}"]
+        cfg = where / "serve-pypi.toml"
+        where.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(
+            "[serve.upstreams]\n"
+            f'pypi-files = {{ url = "{front}/pypi-files", aliases = ["{files}"] }}\n'
+        )
+        return ["--config", str(cfg)]
 
     def mirror_for(self, node: int) -> str:
         """What a job on ``node`` has as ``PIXICACHE_MIRROR``."""
@@ -407,10 +436,17 @@ class Pool:
         sb.mkdir(parents=True)
         shutil.copy2(BOOTSTRAP, sb / "bootstrap.sh")
         _link_or_copy(Path(self.bundle.path), sb / "pixicache.pyz")
-        (sb / "pixi.toml").write_text(MANIFEST)
+        (sb / "pixi.toml").write_text(self.manifest())
         shutil.copy2(self.lock, sb / "pixi.lock")
         write_ads(sb, cluster=self._cluster, proc=job, machine=f"node{node:02d}.pool.test")
         return sb
+
+    def manifest(self) -> str:
+        """The workspace's ``pixi.toml`` (with ``[pypi-dependencies]`` for the PyPI workload)."""
+        if not self.wl.pypi:
+            return MANIFEST
+        deps = "".join(f'{name} = "*"\n' for name, _, _ in PYPI_WHEELS)
+        return MANIFEST.replace("\n[tasks]", f"\n[pypi-dependencies]\n{deps}\n[tasks]")
 
     def give_to(self, sb: Path, uid: int | None, home: Path) -> None:
         """Make the sandbox (and the user's home) the job user's, as the starter does."""
@@ -504,6 +540,8 @@ class Pool:
                 run.installer_notes = list((data.get("installer") or {}).get("notes") or [])
         run.stdout_tail = _tail(sb / "_condor_stdout", 12)
         run.stderr_tail = _tail(sb / "_condor_stderr", 12)
+        if self.wl.pypi and run.rc == 0:
+            run.checks["pypi_installed"] = _installed_wheels(sb)
         for hook in self.after_job:
             hook(run, sb)
         if not self.cfg.keep:
@@ -611,6 +649,7 @@ class Pool:
             runs=runs,
             seconds=seconds,
             upstream_bytes=sum(r.bytes_sent for r in recs),
+            upstream_pypi_bytes=sum(r.bytes_sent for r in recs if r.path.startswith("/pypi/")),
             upstream_requests=counts,
             upstream_via_mirror=via_mirror,
             mirror_bytes=mirror_bytes,

@@ -13,7 +13,7 @@ from typing import Any
 
 from pixicache.testing.condor import traversable
 
-from .common import CHANNEL, FAULTS, PHASES, SINGLE_RUNS, _human
+from .common import FAULTS, PHASES, SINGLE_RUNS, _human, worker_python
 from .faults import (
     _recover_corrupt,
     _throttle_largest,
@@ -47,15 +47,22 @@ def run_pool(cfg: PoolConfig, *, workload: PreparedWorkload | None = None) -> Po
     log = print if cfg.verbose else (lambda *a, **k: None)
     try:
         t = time.monotonic()
-        wl = workload or prepare_workload(work / "upstream", cfg.scale, cfg.seed)
+        pypi_python = worker_python(cfg.worker_python)[0] if cfg.pypi else None
+        wl = workload or prepare_workload(
+            work / "upstream", cfg.scale, cfg.seed, pypi_python=pypi_python
+        )
+        if cfg.pypi and not wl.pypi:
+            raise ValueError("--pypi needs a workload prepared with pypi_python")
         log(
-            f"workload: {len(wl.packages)} packages, {_human(wl.env_bytes)} (scale {cfg.scale}) "
+            f"workload: {len(wl.packages)} conda packages"
+            + (f" + {len(wl.pypi)} wheels ({_human(wl.pypi_bytes)})" if wl.pypi else "")
+            + f", {_human(wl.env_bytes)} (scale {cfg.scale}) "
             f"ready in {time.monotonic() - t:.1f} s"
         )
         bundle = _bundle(cfg, work)
         log(f"agent: {bundle.path} ({_human(bundle.size)}, sha256 {bundle.sha256[:16]}...)")
         pool = Pool(cfg, work, wl, bundle)
-        result = PoolResult(cfg, wl.env_bytes, len(wl.packages), {}, bundle_sha256=bundle.sha256)
+        result = PoolResult(cfg, wl.env_bytes, wl.count, {}, bundle_sha256=bundle.sha256)
         reach = traversable(work, Path(pool.python)) if pool.users > 1 else contextlib.nullcontext()
         try:
             with reach:  # the job users must reach their sandboxes and the interpreter
@@ -95,7 +102,7 @@ def _bundle(cfg: PoolConfig, work: Path) -> Any:
 def _run_phases(pool: Pool, result: PoolResult) -> None:
     cfg = pool.cfg
     faults = set(cfg.faults)
-    n = len(pool.wl.packages)
+    n = pool.wl.count
     evicted = pool.evicted
 
     def mark_evicted(run: JobRun, sb: Path) -> None:
@@ -199,7 +206,7 @@ def _checks(pool: Pool, result: PoolResult, n: int) -> None:
             # A SIGKILLed mirror loses what it had received but not yet written: it asks
             # again for those bytes only (Range), so the overshoot is bounded by the
             # artifacts that were in flight at the kill.
-            size = {f"/{CHANNEL}/{sub}/{name}": sz for sub, name, _, sz in pool.wl.packages}
+            size = pool.wl.sizes
             allowance = sum(size[p] for p in repeated)
             result.check(
                 "mirror-restart: upstream bytes <= 1x + the fills in flight at the kill",
@@ -219,11 +226,31 @@ def _checks(pool: Pool, result: PoolResult, n: int) -> None:
                 cold.upstream_bytes == env,
                 f"{ratio:.3f}x",
             )
+            if pool.wl.pypi:
+                conda = cold.upstream_bytes - cold.upstream_pypi_bytes
+                result.check(
+                    "cold: upstream bytes == 1.00x for conda and for PyPI alike",
+                    conda == pool.wl.conda_bytes and cold.upstream_pypi_bytes == pool.wl.pypi_bytes,
+                    f"conda {conda / pool.wl.conda_bytes:.3f}x, "
+                    f"PyPI {cold.upstream_pypi_bytes / pool.wl.pypi_bytes:.3f}x",
+                )
         # Each node fetched each artifact at most once (an evicted run's own fills are
         # not in a report), and its store ends up holding all of them.
         fills = cold.per_node(cfg.nodes)
         bad_nodes = [i for i, blobs in cold.node_blobs.items() if fills[i][0] > n or blobs != n]
         result.check("cold: each node store filled once", not bad_nodes, f"nodes {bad_nodes}")
+    if pool.wl.pypi:
+        short = [
+            f"{name} job {r.job}: {r.checks.get('pypi_installed')}"
+            for name, ph in result.phases.items()
+            for r in ph.runs
+            if r.rc == 0 and r.checks.get("pypi_installed") != len(pool.wl.pypi)
+        ]
+        result.check(
+            f"pypi: every job's environment has the {len(pool.wl.pypi)} wheels (INSTALLER uv-pixi)",
+            not short,
+            "; ".join(short[:5]),
+        )
     wn = result.phases.get("warm-nodes")
     if wn is not None and "corrupt-node-blob" not in faults:
         result.check(

@@ -25,6 +25,7 @@ and returns the task's exit code. The command-line wrappers are in
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,8 +44,6 @@ from pixicache.model.plan import Plan, environment_plan
 from pixicache.store import Store
 
 if TYPE_CHECKING:
-    import os
-
     from pixicache.fetch import FetchReport
     from pixicache.sources.base import Source
 
@@ -125,7 +124,7 @@ class _Job:
 
     def missing(self) -> list[Any]:
         """The artifacts the store lacks right now."""
-        return [a for a in self.artifacts if not self.store.has(a.sha256, a.size)]
+        return [a for a in self.artifacts if not self.store.has_artifact(a)]
 
     def fetcher(self) -> Any:
         from pixicache.fetch import Fetcher
@@ -143,7 +142,7 @@ def _fetch_error(fetch_report: FetchReport) -> FetchError:
     missing = fetch_report.missing
     lines = [f"{len(missing)} artifact(s) could not be fetched:"]
     for r in missing[:20]:
-        lines.append(f"  {r.artifact.filename} (sha256 {r.artifact.sha256})")
+        lines.append(f"  {r.artifact.filename} ({r.artifact.pin})")
         lines.extend(f"    - {a}" for a in (r.attempts or ["no source could serve it"]))
     text = "\n".join(lines)
     if any(isinstance(r.error, IntegrityError) for r in missing):
@@ -167,7 +166,10 @@ def _plan(job: _Job) -> None:
     job.platform = job.options.platform or _this_platform()
     lock.environment(job.environment)  # an unknown environment is a LockError (2)
     try:
-        job.plan = environment_plan(lock, job.environment, job.platform, job.store)
+        job.plan = environment_plan(
+            lock, job.environment, job.platform, job.store,
+            require_sha256=job.options.settings.require_sha256,
+        )  # fmt: skip
     except LockError as exc:
         if not job.options.preflight:
             raise
@@ -276,7 +278,28 @@ def _request(job: _Job) -> InstallRequest:
         package_cache=job.store.package_cache,
         pixi=job.pixi.path if job.pixi is not None else None,
         parsed_manifest=job.manifest,
+        build_index_url=_build_index_url(job),
     )
+
+
+def _build_index_url(job: _Job) -> str | None:
+    """Where an sdist's build requirements come from: the first mirror's PyPI index
+    (``<mirror>/pypi/``), else the lock's own index when upstream is a source; ``None``
+    (offline builds only) when the lock has no sdist or directory to build."""
+    from pixicache.sources.http import MirrorSource, UpstreamSource
+
+    assert job.lock is not None
+    packages = job.lock.packages(job.environment, job.platform)
+    if not any(p.kind == "pypi" and not p.url.endswith(".whl") for p in packages):
+        return None
+    sources = job.sources.get()
+    for source in sources:
+        if isinstance(source, MirrorSource):
+            return source.base_url + "/pypi/"
+    indexes = job.lock.environment(job.environment).indexes
+    if indexes and any(isinstance(s, UpstreamSource) for s in sources):
+        return indexes[0].rstrip("/") + "/"
+    return None
 
 
 def _fetch(job: _Job, inst: Installer, request: InstallRequest) -> FetchReport | None:
@@ -319,7 +342,7 @@ def _repair(job: _Job, exc: InstallError, before: dict[str, tuple[int, int] | No
     one download per node.
     """
     store, rep = job.store, job.report
-    known = {a.sha256 for a in job.artifacts}
+    known = {sha for a in job.artifacts if (sha := store.blob_of(a))}
     changed = {sha for sha, ident in _blob_identities(store, job.artifacts).items() if ident != before.get(sha)}
     suspects = (set(exc.suspects) & known) | changed
     if not suspects:
@@ -341,12 +364,15 @@ def _blob_identities(
     was quarantined or replaced shows up as a changed identity."""
     ids: dict[str, tuple[int, int] | None] = {}
     for a in artifacts:
+        sha = store.blob_of(a)
+        if sha is None:
+            continue
         try:
-            st = store.path_for(a.sha256).stat()
+            st = os.lstat(store.path_for(sha))
         except FileNotFoundError:
-            ids[a.sha256] = None
+            ids[sha] = None
         else:
-            ids[a.sha256] = (st.st_ino, st.st_mtime_ns)
+            ids[sha] = (st.st_ino, st.st_mtime_ns)
     return ids
 
 

@@ -673,7 +673,7 @@ def preflight(
                 have, src = _kernel("CONDA_OVERRIDE_OSX", _platform.mac_ver()[0])
                 _check_version(report, "__osx", req, have, src, "run on a newer macOS")
         artifacts = lock.artifacts(environment, platform)
-        missing = [a for a in artifacts if not store.has(a.sha256, a.size)]
+        missing = [a for a in artifacts if not store.has_artifact(a)]
         _check_disk(report, artifacts, missing, Path(prefix), store, installed_bytes)
         _check_mirrors(report, list(sources), missing, client)
     report.seconds = time.monotonic() - start

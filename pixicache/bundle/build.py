@@ -79,6 +79,8 @@ PINNED_WHEELS: dict[str, tuple[str, str]] = {
     "h11": ("0.16.0", "63cf8bbe7522de3bf65932fda1d9c2772064ffb3dae62d55932da54b31cb6c86"),
     "httpcore": ("1.0.9", "2d400746a40668fc9dec9810239072b40b4484b640a8c38fd654a024c7a1bf55"),
     "httpx": ("0.28.1", "d909fcccc110f8c7faf814ca82a9a4d816bc5a6dbfea25d6591d6985b8ba59ad"),
+    # installs the lock's PyPI wheels (pixicache.installers.pypi)
+    "installer": ("0.7.0", "05d1933f0a5ba7d8d6296bb6d5018e7c94fa473ceb10cf198a92ccea19c27b53"),
     "idna": ("3.20", "ab7ae7122974553370f0bdb919e1a960b2cd1bc1ef0276416d896db81c14582c"),
     "platformdirs": ("4.4.0", "abd01743f24e5287cd7a5db3752faf1a2d65353f38ec26d98e25a6db65958c85"),
     # the cp39 wheel; its C extension is dropped (the pure-Python loader works everywhere)
@@ -136,6 +138,7 @@ _REQUIRED_DISTS = (
     "platformdirs",
     "PyYAML",
     "rich",
+    "installer",
 )
 _BACKPORTS = {
     "tomli": (3, 11),

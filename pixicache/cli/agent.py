@@ -22,6 +22,7 @@ from pixicache.cli.common import (
     cache_dir_option,
     handle_errors,
     jobs_option,
+    require_sha256_option,
     settings_from,
     source_option,
 )
@@ -97,6 +98,7 @@ def _agent_options(func: Callable[..., None]) -> Callable[..., None]:
             "--platform", default=None, help="Platform to install (default: this machine's)."
         ),
         click.option("--no-preflight", is_flag=True, help="Skip the preflight checks."),
+        require_sha256_option,
         source_option,
         jobs_option,
         click.option(

@@ -7,6 +7,7 @@ imports them to register them.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -82,13 +83,52 @@ def handle_errors(func: F) -> F:
             _fail(str(extra), extra.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Exception as exc:  # a bug: one line and exit 1; the traceback kept in a file
+            _internal_error(exc)
 
     return wrapper  # type: ignore[return-value]
 
 
+def _internal_error(exc: Exception) -> None:
+    """Report a bug as one line (exit 1), the traceback written to a private file
+    (printed instead with ``PIXICACHE_DEBUG=1``)."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if os.environ.get("PIXICACHE_DEBUG") == "1":
+        sys.stderr.write(text)
+        where = "above"
+    else:
+        try:
+            fd, where = tempfile.mkstemp(prefix="pixicache-traceback-", suffix=".txt")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+        except OSError:
+            sys.stderr.write(text)
+            where = "above"
+    _fail(
+        f"internal error (a bug in pixicache {_version()}; please report it with the "
+        f"traceback, which is {'above' if where == 'above' else 'in ' + where}): "
+        f"{type(exc).__name__}: {exc}",
+        1,
+    )
+
+
+def _version() -> str:
+    from pixicache import __version__
+
+    return __version__
+
+
 def settings_from(ctx: click.Context, sources: tuple[str, ...] = (), jobs: int | None = None) -> Settings:
     obj = ctx.find_root().obj or {}
-    return resolve_settings(cache_dir=obj.get("cache_dir"), sources=list(sources) or None, jobs=jobs)
+    return resolve_settings(
+        cache_dir=obj.get("cache_dir"),
+        sources=list(sources) or None,
+        jobs=jobs,
+        require_sha256=obj.get("require_sha256"),
+    )
 
 
 def open_store(settings: Settings) -> Any:
@@ -102,6 +142,22 @@ def _set_cache_dir(ctx: click.Context, _param: click.Parameter, value: Path | No
         root = ctx.find_root()
         root.obj = dict(root.obj or {}, cache_dir=value)
 
+
+def _set_require_sha256(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        root = ctx.find_root()
+        root.obj = dict(root.obj or {}, require_sha256=True)
+
+
+require_sha256_option = click.option(
+    "--require-sha256",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_require_sha256,
+    help="Refuse lock entries pinned by MD5 alone (default: verify them by MD5 and size; "
+    "also PIXICACHE_REQUIRE_SHA256=1 or require_sha256 = true in the config file).",
+)
 
 cache_dir_option = click.option(
     "--cache-dir",
@@ -149,7 +205,7 @@ def format_summary(report: Any) -> str:
     if missing:
         lines.append(f"MISSING: {len(missing)} artifact(s) could not be fetched:")
         for r in missing:
-            lines.append(f"  {r.artifact.filename} (sha256 {r.artifact.sha256})")
+            lines.append(f"  {r.artifact.filename} ({r.artifact.pin})")
             for attempt in r.attempts or ["no source could serve it"]:
                 lines.append(f"    - {attempt}")
     else:

@@ -16,6 +16,7 @@ from pixicache.cli.common import (
     jobs_option,
     open_store,
     platform_option,
+    require_sha256_option,
     settings_from,
     source_option,
 )
@@ -29,6 +30,7 @@ __all__ = ["plan", "prefetch"]
 @click.argument("locks", nargs=-1, required=True, type=click.Path(path_type=Path))
 @env_option
 @platform_option
+@require_sha256_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (schema pixicache.plan/1).")
 @click.option("--no-store", is_flag=True, help="Do not look at the store.")
 @cache_dir_option
@@ -46,14 +48,27 @@ def plan(
     from pixicache.model.plan import make_plan
 
     store = None if no_store else open_store(settings_from(ctx))
-    p = make_plan(list(locks), environment=environment, platform=platform, store=store)
+    p = make_plan(
+        list(locks), environment=environment, platform=platform, store=store,
+        require_sha256=settings_from(ctx).require_sha256,
+    )  # fmt: skip
     if as_json:
         click.echo(json.dumps(p.to_json(), indent=2))
         return
     for a in p.artifacts:
-        mark = "" if store is None else ("present " if a.sha256 in p.present else "missing ")
-        click.echo(f"{mark}{a.sha256}  {a.size or 0:>12}  {a.url}")
+        mark = "" if store is None else ("present " if a.key in p.present else "missing ")
+        pin = a.sha256 or f"md5:{a.md5}".ljust(64)
+        click.echo(f"{mark}{pin}  {a.size or 0:>12}  {a.url}")
     click.echo(f"{p.count} artifacts, {p.bytes:,} bytes ({human_bytes(p.bytes)})")
+    pypi = sum(1 for a in p.artifacts if a.kind == "pypi")
+    md5 = sum(1 for a in p.artifacts if a.md5_only)
+    if pypi:
+        click.echo(f"{pypi} of them PyPI files (wheels, sdists)")
+    if md5:
+        click.echo(
+            f"{md5} pinned by md5 alone (md5:...): verified by md5 and size, their SHA-256 "
+            "computed on download and recorded in the store (--require-sha256 refuses them)"
+        )
     if store is not None:
         click.echo(
             f"in the store {store.root}: {len(p.present)} present "
@@ -67,6 +82,7 @@ def plan(
 @click.argument("locks", nargs=-1, required=True, type=click.Path(path_type=Path))
 @env_option
 @platform_option
+@require_sha256_option
 @source_option
 @jobs_option
 @click.option(
@@ -123,7 +139,10 @@ def prefetch(
     settings = settings_from(ctx, sources, jobs)
     store = open_store(settings)
     srcs = parse_sources(settings.sources)
-    p = make_plan(list(locks), environment=environment, platform=platform, store=store)
+    p = make_plan(
+        list(locks), environment=environment, platform=platform, store=store,
+        require_sha256=settings.require_sha256,
+    )  # fmt: skip
     click.echo(
         f"prefetch: {p.count} artifacts ({human_bytes(p.bytes)}) into {store.root}; "
         f"sources: {', '.join(s.label for s in srcs)}",

@@ -125,12 +125,14 @@ def serve_command(
     quiet: bool,
     agent_file: Path | None,
 ) -> None:
-    """Run a pull-through, content-addressed conda mirror (node cache or site mirror).
+    """Run a pull-through, content-addressed conda and PyPI mirror (node cache or site mirror).
 
     \b
     Clients point a channel at it unchanged:
       pixi:     [mirrors] "https://conda.anaconda.org/conda-forge" = ["http://HOST:8080/conda-forge"]
       pixicache: --source mirror=http://HOST:8080
+      pip, uv:  --index-url http://HOST:8080/pypi/   (with --upstream pypi=<index URL>
+                and --upstream pypi-files=<file host URL>: no PyPI host is built in)
     Each package is fetched from upstream once, verified against the
     x-expected-sha256 the client sends, and streamed to every waiting client.
     SIGTERM stops it gracefully.

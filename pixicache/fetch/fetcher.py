@@ -95,7 +95,7 @@ class Fetcher:
         """
         unique: dict[str, Artifact] = {}
         for a in artifacts:
-            unique.setdefault(a.sha256, a)
+            unique.setdefault(a.key, a)
         todo = sorted(unique.values(), key=lambda a: -(a.size or 0))
         start = time.monotonic()
         self.progress.begin(len(todo), sum(a.size or 0 for a in todo))
@@ -169,7 +169,7 @@ class Fetcher:
                     if res is None:
                         deferred.append(art)
                     else:
-                        results[art.sha256] = res
+                        results[art.key] = res
 
         nthreads = min(self.jobs, len(todo))
         if nthreads <= 1:
@@ -185,7 +185,7 @@ class Fetcher:
                 t.join()
         if failure:
             raise failure[0]
-        return [results[a.sha256] for a in todo]
+        return [results[a.key] for a in todo]
 
     # -- one artifact -----------------------------------------------------
     def _fetch_one(
@@ -195,20 +195,20 @@ class Fetcher:
         result = FetchResult(artifact=artifact)
         t0 = time.monotonic()
         store = self.store
-        if store.has(artifact.sha256, artifact.size):  # fast path: no lock needed
+        if store.has_artifact(artifact):  # fast path: no lock needed
             result.tier = "store"
             result.seconds = time.monotonic() - t0
             self.progress.advance(artifact.size or 0)
             self.progress.artifact_done(result)
             return result
-        lock = store.lock(artifact.sha256, timeout=None if wait else 0)
+        lock = store.lock(artifact.key, timeout=None if wait else 0)
         try:
             lock.acquire()
         except LockTimeout:
             return None
         result.waited = time.monotonic() - t0
         try:
-            if store.has(artifact.sha256, artifact.size):  # another process fetched it
+            if store.has_artifact(artifact):  # another process fetched it
                 result.tier = "store"
                 self.progress.advance(artifact.size or 0)
             else:
@@ -240,11 +240,13 @@ class Fetcher:
             result.bytes = writer.written
         tried = ", ".join(s.label for s in self.sources) or "no sources configured"
         message = (
-            f"could not fetch {artifact.filename} (sha256 {artifact.sha256}) from any source "
+            f"could not fetch {artifact.filename} ({artifact.pin}) from any source "
             f"({tried})"
         )
-        if failures and all(isinstance(f, IntegrityError) for f in failures):
-            result.error = IntegrityError(message, expected=artifact.sha256)
+        # bad bytes seen anywhere, good bytes nowhere: an integrity failure (exit 4), even
+        # when other sources were merely down: the lock's artifact was seen tampered with
+        if any(isinstance(f, IntegrityError) for f in failures):
+            result.error = IntegrityError(message, expected=artifact.key)
             result.error.attempts = list(result.attempts)
         else:
             result.error = FetchError(message, attempts=result.attempts)

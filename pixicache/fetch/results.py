@@ -94,6 +94,7 @@ class FetchReport:
                 {
                     "url": r.artifact.url,
                     "sha256": r.artifact.sha256,
+                    "md5": r.artifact.md5,
                     "error": str(r.error) if r.error else None,
                     "attempts": r.attempts,
                 }

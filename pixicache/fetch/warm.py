@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from pixicache.model.artifact import Artifact
-from pixicache.sources.http import transport_failure
+from pixicache.sources.http import MirrorSource, transport_failure
 from pixicache.sources.paths import digest_url
 
 
@@ -62,10 +62,18 @@ class WarmReport:
         failed = [r for r in self.results if r.status == "failed"]
         if failed:
             lines.append(f"FAILED: {len(failed)} artifact(s):")
-            lines += [f"  {r.artifact.filename} (sha256 {r.artifact.sha256}): {r.detail}" for r in failed]
+            lines += [f"  {r.artifact.filename} ({r.artifact.pin}): {r.detail}" for r in failed]
         else:
             lines.append("the mirror holds every artifact, verified")
         return "\n".join(lines)
+
+
+def _warm_url(base: str, art: Artifact) -> str:
+    """Where the mirror is asked for ``art``: by digest, or (pinned by MD5 alone, no digest
+    to ask by) at its channel path, which the mirror verifies against the channel's index."""
+    if art.sha256 is not None:
+        return digest_url(base, art)
+    return MirrorSource(base).location(art) or digest_url(base, art)
 
 
 def warm_mirror(
@@ -95,7 +103,7 @@ def warm_mirror(
     def one(art: Artifact) -> WarmResult:
         t0 = time.monotonic()
         try:
-            resp = http.get(digest_url(base, art), headers=headers)
+            resp = http.get(_warm_url(base, art), headers=headers)
         except httpx.TransportError as exc:
             reason = str(transport_failure(base, exc))
             res = WarmResult(art, "failed", reason)
@@ -113,7 +121,7 @@ def warm_mirror(
         return res
 
     try:
-        unique = {a.sha256: a for a in artifacts}
+        unique = {a.key: a for a in artifacts}
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="pixicache-warm") as pool:
             report.results = list(pool.map(one, unique.values()))
     finally:

@@ -35,6 +35,8 @@ class InstallRequest:
         pixi: a verified Pixi executable, if one is available.
         parsed_manifest: the parsed manifest, when the caller has it (its
             ``[system-requirements]`` go into Pixi's environment file).
+        build_index_url: a PyPI index for the build requirements of sdists
+            built on the node (the site mirror's), or ``None`` (``--no-index``).
     """
 
     workspace: Path
@@ -47,6 +49,7 @@ class InstallRequest:
     package_cache: Path
     pixi: Path | None = None
     parsed_manifest: Manifest | None = None
+    build_index_url: str | None = None
 
     def channels(self) -> list[str]:
         """Every conda channel the environment's packages come from (the lock's
@@ -57,6 +60,22 @@ class InstallRequest:
         for a in self.lock.artifacts(self.environment, self.platform):
             if a.kind == "conda" and a.channel:
                 seen.setdefault(a.channel.rstrip("/"), None)
+        return list(seen)
+
+    def pypi_prefixes(self) -> list[str]:
+        """The PyPI URL prefixes an installer must be kept from: the lock's index URLs
+        and the origin (``scheme://host``) of every PyPI file it pins — all from the
+        lock, so no index host is assumed."""
+        from urllib.parse import urlsplit
+
+        seen: dict[str, None] = {}
+        for index in self.lock.environment(self.environment).indexes:
+            seen.setdefault(index.rstrip("/"), None)
+        for a in self.lock.artifacts(self.environment, self.platform):
+            if a.kind == "pypi":
+                parts = urlsplit(a.url)
+                if parts.scheme in ("http", "https") and parts.netloc:
+                    seen.setdefault(f"{parts.scheme}://{parts.netloc}", None)
         return list(seen)
 
 

@@ -26,8 +26,11 @@ What it runs (Pixi 0.79; flags checked against Pixi's CLI reference)::
   ``PIXI_CONFIG_FILE`` and ``PIXI_NO_CONFIG`` from the caller are dropped (the
   command line says what is meant).
 
-PyPI packages of the lock are not redirected (Pixi's ``mirrors`` cover conda
-channels); the result's notes say how many there are.
+The ``[mirrors]`` table covers the lock's PyPI entries too, as Pixi's configuration
+reference describes for uv: each index URL the lock records (its ``indexes``) and
+the origin of every PyPI file it pins (PyPI's file host, for one) are mapped to the
+store view, which serves the files and, for each index, project pages listing the
+lock's files (:class:`~pixicache.store.view.StoreView`).
 
 :func:`pixi_run_argv` builds the command a runner uses to run a task through
 Pixi without re-solving or re-installing: ``pixi run --frozen --no-install``
@@ -158,12 +161,9 @@ class PixiInstaller:
         artifacts = request.lock.artifacts(request.environment, request.platform)
         packages = request.lock.packages(request.environment, request.platform)
         notes: list[str] = []
-        pypi = sum(1 for p in packages if p.kind == "pypi")
+        pypi = request.pypi_prefixes()
         if pypi:
-            notes.append(
-                f"{pypi} PyPI package(s) are installed by Pixi from their own URLs "
-                "(Pixi's mirrors cover conda channels only)"
-            )
+            notes.append("PyPI mirrored to the node store: " + ", ".join(pypi))
         if _local_mirrors(request.workspace):
             notes.append(
                 f"{request.workspace}/.pixi/config.toml has a [mirrors] table, which Pixi "
@@ -172,8 +172,9 @@ class PixiInstaller:
         Path(request.package_cache).mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="pixicache-pixi-"))
         try:
-            with StoreView(request.store, artifacts) as view:
-                mirrors = view.mirrors(request.channels())
+            indexes = request.lock.environment(request.environment).indexes
+            with StoreView(request.store, artifacts, indexes=indexes) as view:
+                mirrors = view.mirrors(request.channels(), pypi)
                 config_file = tmp / "config.toml"
                 config_file.write_text(mirror_config_toml(mirrors))
                 argv = pixi_install_argv(

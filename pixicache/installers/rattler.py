@@ -31,22 +31,26 @@ How a prefix is made (``<workspace>/.pixi/envs/<env>``, where Pixi puts it):
 5. The marker is written last, after the activation script is cached
    (``conda-meta/pixicache-activation``, used by :mod:`pixicache.agent.runner`).
 
-PyPI packages are not installed by rattler: an environment with PyPI entries
-makes this installer unavailable (use the ``pixi`` installer).
+6. PyPI entries are installed after the conda packages, into the environment's own
+   interpreter (:mod:`pixicache.installers.pypi`), and the marker covers them too.
+   Conda source packages (``conda: .``) are refused by name: only Pixi builds them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pixicache.backends.pixi.envfile import ENVIRONMENT_FILE
-from pixicache.backends.rattler.child import STATE_FILE
+from pixicache.backends.rattler.child import STATE_FILE, write_state
 from pixicache.backends.rattler.process import run_child
 from pixicache.errors import InstallError, LockError
 from pixicache.installers.base import InstallRequest, InstallResult
@@ -66,10 +70,14 @@ STATE_SCHEMA = "pixicache.prefix-state/1"
 
 
 def records_digest(request: InstallRequest) -> tuple[str, list[str]]:
-    """The SHA-256 of the environment's conda record set, and the dist names
-    (``name-version-build``) its ``conda-meta`` must hold."""
+    """The SHA-256 of the environment's record set (every conda package's URL and
+    digest, then every PyPI entry's), and the dist names (``name-version-build``) its
+    ``conda-meta`` must hold."""
     packages = request.lock.packages(request.environment, request.platform)
-    rows = sorted(f"{p.url}\0{p.sha256 or ''}" for p in packages if p.kind == "conda")
+    rows = sorted(f"{p.url}\0{p.sha256 or p.md5 or ''}" for p in packages if p.kind == "conda")
+    rows += sorted(
+        f"pypi\0{p.url}\0{p.sha256 or p.md5 or ''}\0{p.editable}" for p in packages if p.kind == "pypi"
+    )
     dists = sorted(f"{p.name}-{p.version}-{p.build}" for p in packages if p.kind == "conda")
     digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
     return digest, dists
@@ -146,8 +154,105 @@ def _explained(exc: InstallError, view: StoreView, artifacts: list[Artifact]) ->
         lines += [f"  {m.path}: {m.reason}" for m in misses[:10]]
         message = "\n".join(lines)
     suspects = {m.sha256 for m in misses if m.sha256}
-    suspects.update(a.sha256 for a in artifacts if a.sha256 in message or a.filename in message)
+    for a in artifacts:
+        if (a.sha256 and a.sha256 in message) or a.filename in message:
+            sha = view.store.blob_of(a)
+            if sha is not None:
+                suspects.add(sha)
     return InstallError(message, suspects=sorted(suspects))
+
+
+def install_pypi(request: InstallRequest) -> Any:
+    """Install the environment's PyPI entries (:mod:`pixicache.installers.pypi`)."""
+    from pixicache.installers.pypi import Wanted, classify, refuse_git, sync_pypi, target_scheme
+
+    prefix = Path(request.prefix).absolute()
+    scheme = target_scheme(prefix)
+    arts = {a.url: a for a in request.lock.artifacts(request.environment, request.platform)}
+    wanted: list[Wanted] = []
+    built: list[str] = []
+    pypi = [p for p in request.lock.packages(request.environment, request.platform) if p.kind == "pypi"]
+    kinds = [(pkg, *classify(pkg, request.workspace)) for pkg in pypi]
+    for pkg, kind, _ in kinds:
+        if kind == "git":
+            raise refuse_git(pkg)
+    store = request.store
+    scratch = Path(tempfile.mkdtemp(prefix="pypi-", dir=store.private_dir(store.user_dir / "builds")))
+    try:
+        for pkg, kind, local in kinds:
+            wanted.append(_wanted_wheel(request, pkg, kind, local, arts.get(pkg.url), scheme, built, scratch))
+        plan = sync_pypi(prefix, wanted, scheme)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    plan.built = built
+    return plan
+
+
+def _wanted_wheel(
+    request: InstallRequest, pkg: Any, kind: str, local: Path | None, art: Artifact | None,
+    scheme: Any, built: list[str], scratch: Path,
+) -> Any:
+    """The wheel that installs one PyPI entry: a store blob, a workspace file, or a build."""
+    from pixicache.installers.pypi import Wanted, build_wheel, built_wheel
+
+    store = request.store
+    if kind in ("wheel", "sdist"):
+        assert art is not None
+        sha = store.blob_of(art)
+        if sha is None or not store.has(sha, art.size):
+            raise InstallError(f"{art.filename} ({art.pin}) is not in the node store", suspects=[])
+        if kind == "wheel":
+            return Wanted(pkg, store.path_for(sha), art.filename, sha256=sha)
+        with _named_copy(scratch, store.path_for(sha), art.filename, sha) as named:
+            path, name, now = built_wheel(
+                store, sha, named, scheme, index_url=request.build_index_url, name=pkg.name
+            )
+        if now:
+            built.append(pkg.name)
+        return Wanted(pkg, path, name, sha256=path.name)
+    assert local is not None
+    url = local.as_uri()
+    if kind == "path-dir":  # what uv writes: dir_info, "editable" only when it is
+        direct: dict[str, Any] = {"url": url, "dir_info": {"editable": True} if pkg.editable else {}}
+        if pkg.editable:
+            return Wanted(pkg, None, local.name, direct, editable=local, index_url=request.build_index_url)
+    else:
+        direct = {"url": url, "archive_info": {}}
+    if kind == "path-wheel":
+        return Wanted(pkg, local, local.name, direct)
+    wheel = build_wheel(local, scheme, scratch / pkg.name, index_url=request.build_index_url, name=pkg.name)
+    built.append(pkg.name)
+    return Wanted(pkg, wheel, wheel.name, direct)
+
+
+@contextlib.contextmanager
+def _named_copy(scratch: Path, blob: Path, filename: str, sha: str) -> Any:
+    """A store blob under its own file name (pip reads an sdist's kind from its name),
+    the copy checked against ``sha`` (the store is written by other users too)."""
+    from pixicache.installers.pypi import check_digest
+    from pixicache.store.files import open_regular
+
+    tmp = Path(tempfile.mkdtemp(prefix="sdist-", dir=scratch))
+    try:
+        with os.fdopen(open_regular(blob), "rb") as src, open(tmp / filename, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        with open(tmp / filename, "rb") as fh:
+            check_digest(fh, sha, filename)
+        yield tmp / filename
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_conda_sources(packages: list[Any]) -> None:
+    """Conda source packages (``conda: .``) must be built, which only Pixi does."""
+    sources = [p for p in packages if p.kind == "conda" and not p.fetchable]
+    if sources:
+        names = ", ".join(f"{p.name or '?'} ({p.url})" for p in sources)
+        raise InstallError(
+            f"the lock has conda source package(s) that must be built: {names}. The rattler "
+            "installer installs archives only: use the pixi installer (a verified Pixi, "
+            "`--installer pixi`), or build the package and lock its archive"
+        )
 
 
 def _pypi_count(request: InstallRequest) -> int:
@@ -174,19 +279,15 @@ class RattlerInstaller:
 
     @classmethod
     def available(cls, request: InstallRequest) -> tuple[bool, str]:
-        """Available when py-rattler is installed and the environment has no PyPI packages."""
+        """Available when py-rattler can be used by this process."""
         from pixicache.backends.rattler.probe import rattler_available
 
         ok, why = rattler_available()
         if not ok:
             return False, why
         pypi = _pypi_count(request)
-        if pypi:
-            return False, (
-                f"environment '{request.environment}' has {pypi} PyPI package(s), which "
-                "py-rattler does not install: use the pixi installer (--pixi PATH)"
-            )
-        return True, "py-rattler installs the lock's conda packages from the node store"
+        extra = f", and its {pypi} PyPI package(s) with pypa/installer" if pypi else ""
+        return True, f"py-rattler installs the lock's conda packages from the node store{extra}"
 
     def up_to_date(self, request: InstallRequest) -> bool:
         """Whether :meth:`install` would be a no-op (see :func:`prefix_is_current`)."""
@@ -217,6 +318,7 @@ class RattlerInstaller:
         ok, why = self.available(request)
         if not ok:
             raise InstallError(f"the rattler installer cannot run: {why}")
+        _refuse_conda_sources(packages)
         cache = Path(request.package_cache).absolute()
         cache.mkdir(parents=True, exist_ok=True)
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +332,8 @@ class RattlerInstaller:
                 "prefix": str(prefix),
                 "package_cache": str(cache),
                 "mirrors": view.mirrors(request.channels()),
-                "state": _wanted_state(request),
+                # with PyPI packages, the marker is written once they are installed too
+                "state": None if _pypi_count(request) else _wanted_state(request),
                 "guard": self.guard,
             }
             try:
@@ -245,9 +348,15 @@ class RattlerInstaller:
                 target=view.stop, name="pixicache-store-view-stop", daemon=True
             ).start()
         notes = [
-            f"{answer.get('operations', 0)} link/unlink operation(s); {served} archive(s) from the store view",
-            _write_pixi_environment_file(request),
+            f"{answer.get('operations', 0)} link/unlink operation(s); {served} archive(s) from the store view"
         ]
+        pypi_changed = False
+        if _pypi_count(request):
+            plan = install_pypi(request)
+            notes.append(plan.note())
+            pypi_changed = bool(plan.installed or plan.removed)
+            write_state(prefix / "conda-meta" / STATE_FILE, _wanted_state(request))
+        notes.append(_write_pixi_environment_file(request))
         if answer.get("evicted"):
             notes.append(
                 "repaired package-cache entries modified through a prefix's hard links: "
@@ -266,7 +375,7 @@ class RattlerInstaller:
             installer=self.name,
             prefix=prefix,
             seconds=time.monotonic() - start,
-            changed=bool(answer.get("operations")),
+            changed=bool(answer.get("operations")) or pypi_changed,
             packages=len(packages),
             notes=notes,
         )

@@ -184,8 +184,8 @@ class LockedPackage:
         """
         if not self.fetchable:
             raise LockError(f"{self.kind} entry {self.url} is not a downloadable artifact")
-        if not self.sha256:
-            raise LockError(f"{self.kind} entry {self.url} has no sha256")
+        if not self.sha256 and not self.md5:
+            raise LockError(f"{self.kind} entry {self.url} has no sha256 (and no md5)")
         channel = subdir = None
         if self.kind == "conda":
             channel, subdir, _ = conda_location(self.url)
@@ -337,13 +337,22 @@ class Lock:
             platform = next(iter(e.refs))
         return list(self._platform_packages(env, platform))
 
-    def artifacts(self, env: str | None = "default", platform: str | None = None) -> list[Artifact]:
+    def artifacts(
+        self,
+        env: str | None = "default",
+        platform: str | None = None,
+        *,
+        require_sha256: bool = False,
+    ) -> list[Artifact]:
         """The downloadable artifacts of an environment and platform.
 
         Args:
             env: an environment name, or ``None`` for every environment.
             platform: a platform name, or ``None`` for every platform of the
                 selected environment(s).
+            require_sha256: refuse entries pinned by MD5 alone (some sites want
+                every artifact pinned by SHA-256); by default they are artifacts
+                verified by MD5 and size, as Pixi and rattler accept them.
 
         Returns:
             One :class:`Artifact` per distinct URL, in lock order (environments,
@@ -378,11 +387,18 @@ class Lock:
             for pkg in self._platform_packages(name, plat):
                 if pkg.url in seen or not pkg.fetchable:
                     continue
-                if not pkg.sha256:
+                if not pkg.sha256 and (require_sha256 or not pkg.md5):
+                    why = (
+                        "pinned by md5 alone, and sha256 is required here (--require-sha256 / "
+                        "require_sha256 in the config): ask the channel for sha256 digests or "
+                        "drop the requirement"
+                        if pkg.md5 and require_sha256
+                        else "has no sha256, so pixicache cannot verify it; re-create the lock "
+                        "with a recent pixi (`pixi lock`)"
+                    )
                     raise LockError(
                         f"{self.path}: environment '{name}', platform '{plat}': {pkg.kind} "
-                        f"package {pkg.url} has no sha256, so pixicache cannot verify it; "
-                        "re-create the lock with a recent pixi (`pixi lock`)"
+                        f"package {pkg.url} {why}"
                     )
                 seen.add(pkg.url)
                 out.append(pkg.artifact())

@@ -58,12 +58,12 @@ class Plan:
 
     @property
     def present_bytes(self) -> int:
-        return sum(a.size or 0 for a in self.artifacts if a.sha256 in self.present)
+        return sum(a.size or 0 for a in self.artifacts if a.key in self.present)
 
     @property
     def missing(self) -> list[Artifact]:
         """The artifacts the store lacked when the plan was made."""
-        return [a for a in self.artifacts if a.sha256 not in self.present]
+        return [a for a in self.artifacts if a.key not in self.present]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -81,28 +81,33 @@ class Plan:
         arts = []
         for a in self.artifacts:
             item = a.to_json()
-            item["present"] = (a.sha256 in self.present) if self.store is not None else None
+            item["present"] = (a.key in self.present) if self.store is not None else None
             arts.append(item)
         out["artifacts"] = arts
         return out
 
 
 def environment_plan(
-    lock: Lock, environment: str, platform: str, store: Store | None = None
+    lock: Lock,
+    environment: str,
+    platform: str,
+    store: Store | None = None,
+    *,
+    require_sha256: bool = False,
 ) -> Plan:
     """The plan of one environment and platform of a parsed lock (what the agent installs).
 
     Raises :class:`~pixicache.errors.LockError` when the lock lacks the
     environment or platform, or an artifact has no usable digest.
     """
-    artifacts = lock.artifacts(environment, platform)
+    artifacts = lock.artifacts(environment, platform, require_sha256=require_sha256)
     return Plan([lock.path], environment, platform, artifacts, store, _present(artifacts, store))
 
 
 def _present(artifacts: list[Artifact], store: Store | None) -> set[str]:
     if store is None:
         return set()
-    return {a.sha256 for a in artifacts if store.has(a.sha256, a.size)}
+    return {a.key for a in artifacts if store.has_artifact(a)}
 
 
 def make_plan(
@@ -111,6 +116,7 @@ def make_plan(
     environment: str | None = None,
     platform: str | None = None,
     store: Store | None = None,
+    require_sha256: bool = False,
 ) -> Plan:
     """Read the locks and list their artifacts (``None`` = every env/platform).
 
@@ -121,7 +127,7 @@ def make_plan(
     paths = [Path(p) for p in lock_paths]
     for path in paths:
         lock = Lock.load(path)
-        for art in lock.artifacts(environment, platform):
-            seen.setdefault(art.sha256, art)
+        for art in lock.artifacts(environment, platform, require_sha256=require_sha256):
+            seen.setdefault(art.key, art)
     artifacts = list(seen.values())
     return Plan(paths, environment, platform, artifacts, store, _present(artifacts, store))

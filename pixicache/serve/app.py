@@ -8,6 +8,9 @@ Routes (everything else is a 4xx, answered before anything is touched):
                                        URL in the index), else a fill verified against
                                        that header (or hashed and indexed by URL)
 ``GET|HEAD /{up}/{subdir}/repodata*``  channel metadata, cached for ``repodata_ttl``
+``GET|HEAD /{pypi}/{project}/``        a PyPI project page of a ``pypi`` upstream
+                                       (:mod:`pixicache.serve.pypi`); its files are
+                                       artifacts of the upstream they are under
 ``GET|HEAD /sha256/{hex}``             a blob by digest; a miss is filled from
                                        ``?url=`` / ``x-pixicache-upstream-url`` when
                                        that URL is under an allow-listed upstream
@@ -56,6 +59,7 @@ from pixicache.serve.http import (
     write_chunk,
 )
 from pixicache.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from pixicache.serve.pypi import PypiPages, is_distribution, normalize_project, project_of
 from pixicache.serve.repodata import RepodataCache, is_metadata
 from pixicache.serve.upstreams import UpstreamMap
 from pixicache.serve.writer import lock_mode
@@ -114,6 +118,7 @@ class ServeApp:
             self.executor,
             config.repodata_ttl,
         )
+        self.pypi = PypiPages(self.repodata, self.upstreams)
         self.draining = False
         self.started = time.time()
         self.store_bytes = 0
@@ -330,10 +335,16 @@ class ServeApp:
         url = self.upstreams.channel_url(head, rest)
         if url is None or not rest:
             raise HTTPProblem(404, "not found")
-        if len(rest) >= 2 and rest[-1].endswith(CONDA_EXTENSIONS):
+        if len(rest) >= 2 and (rest[-1].endswith(CONDA_EXTENSIONS) or is_distribution(rest[-1])):
             ctx.route = "artifact"
             expected = _expected_header(request)
             return await self._artifact(request, ctx, url, expected, head)
+        if upstream.kind == "pypi":
+            project = project_of(rest)
+            if project is None:
+                raise HTTPProblem(404, f"{'/'.join(rest)} is neither a project page nor a file")
+            ctx.route = "pypi"
+            return await self._project_page(request, ctx, head, upstream.url, project)
         if is_metadata(rest):
             ctx.route = "repodata"
             return await self._metadata(request, ctx, head, rest, url)
@@ -397,6 +408,8 @@ class ServeApp:
         warm = _is_warm(request)
         if warm:
             self._require_token(request, admin=False)
+        if expected is None:  # a PyPI file: the digest its index page gave, if one did
+            expected = self.pypi.expected_sha256(url)
         sha = expected or self._lookup_url(url)
         if sha is not None and self.store.has(sha):
             resp = await self._serve_hit(request, ctx, sha, url, warm=warm)
@@ -404,6 +417,9 @@ class ServeApp:
                 return resp
         fill = self.fills.find(url, expected)
         if fill is None:
+            bad = self.fills.recent_mismatch(url, expected)
+            if bad is not None:
+                raise HTTPProblem(bad.status, bad.message, {"x-pixicache-error": bad.reason})
             full = self.fills.store_full()
             if full:
                 self.metrics.refused.labels("store_full").inc()
@@ -659,6 +675,31 @@ class ServeApp:
         finally:
             fobj.close()
 
+    # -- PyPI project pages --------------------------------------------------------------------
+    async def _project_page(
+        self, request: web.BaseRequest, ctx: _Ctx, upstream: str, index_url: str, project: str
+    ) -> web.StreamResponse:
+        name = normalize_project(project)
+        if name != project:  # PEP 503: the normalized name is the page's one URL
+            raise HTTPProblem(301, f"see /{upstream}/{name}/", {"Location": f"/{upstream}/{name}/"})
+        page, how = await self.pypi.page(upstream, index_url, name)
+        ctx.cache = how
+        accept = request.headers.get("Accept")
+        body, ctype, unmirrored, etag = self.pypi.render(page, accept)
+        headers = {
+            "Content-Type": ctype,
+            "Cache-Control": f"public, max-age={int(self.repodata.ttl)}",
+            "Vary": "Accept",
+            "ETag": etag,
+            "x-pixicache-cache": how,
+        }
+        if unmirrored:
+            headers["x-pixicache-unmirrored"] = str(unmirrored)
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers={k: v for k, v in headers.items() if k != "Content-Type"})
+        ctx.bytes = len(body)
+        return web.Response(status=200, body=b"" if request.method == "HEAD" else body, headers=headers)
+
     # -- metadata ------------------------------------------------------------------------------
     async def _metadata(
         self, request: web.BaseRequest, ctx: _Ctx, upstream: str, rest: list[str], url: str
@@ -691,8 +732,11 @@ class ServeApp:
 
     # -- operations ----------------------------------------------------------------------------
     def _index(self) -> web.Response:
-        lines = [f"pixicache serve {__version__}: a pull-through conda mirror", "", "upstreams:"]
-        lines += [f"  /{u.name}/...  ->  {u.url}/..." for u in self.config.upstreams]
+        lines = [f"pixicache serve {__version__}: a pull-through conda and PyPI mirror", "", "upstreams:"]
+        lines += [
+            f"  /{u.name}/...  ->  {u.url}/...{'  (PyPI simple index)' if u.kind == 'pypi' else ''}"
+            for u in self.config.upstreams
+        ]
         lines += [
             "",
             "also: /sha256/<hex>?url=<upstream URL>, /pixi/<version>/<archive>, /healthz, /metrics",
@@ -787,7 +831,8 @@ def _problem(status: int, message: str, headers: dict[str, str] | None = None) -
 
 def _fill_problem(fill: Fill) -> web.Response:
     err = fill.error or FillFailed(502, f"fetching {fill.url} failed")
-    return _problem(err.status, err.message)
+    # the reason, machine-readable: a pixicache client tells bad bytes ("digest") apart
+    return _problem(err.status, err.message, {"x-pixicache-error": err.reason})
 
 
 def _expected_header(request: web.BaseRequest) -> str | None:

@@ -83,16 +83,30 @@ class Upstream:
         name: the first path component clients use (``conda-forge``).
         url: where ``/{name}/...`` is fetched from (no trailing slash).
         aliases: public URL prefixes this upstream stands in for (see the module doc).
+        kind: ``conda`` (a channel, or any host of immutable files) or ``pypi`` (a
+            PEP 503/691 simple index: ``/{name}/{project}/`` are its project pages).
     """
 
     name: str
     url: str
     aliases: tuple[str, ...] = ()
+    kind: str = "conda"
 
     @classmethod
-    def make(cls, name: str, url: str, aliases: Iterable[str] = (), origin: str = "") -> Upstream:
-        """Validate and build an upstream; raises :class:`ConfigError`."""
+    def make(
+        cls, name: str, url: str, aliases: Iterable[str] = (), origin: str = "", kind: str | None = None
+    ) -> Upstream:
+        """Validate and build an upstream; raises :class:`ConfigError`.
+
+        The kind is ``pypi`` for the name ``pypi``, for a URL written ``pypi+https://...``
+        or when ``kind`` says so; else ``conda``.
+        """
         where = origin or f"upstream {name!r}"
+        if url.startswith("pypi+"):
+            url, kind = url[len("pypi+") :], "pypi"
+        kind = kind or ("pypi" if name == "pypi" else "conda")
+        if kind not in ("conda", "pypi"):
+            raise ConfigError(f"{where}: kind must be 'conda' or 'pypi', not {kind!r}")
         if not _NAME_RE.match(name) or name.lower() in RESERVED_NAMES:
             raise ConfigError(
                 f"{where}: {name!r} cannot name an upstream (letters, digits, '.', '_', '-'; "
@@ -103,7 +117,7 @@ class Upstream:
         known = WELL_KNOWN_UPSTREAMS.get(name)
         if known and known != url and known not in alias_list:
             alias_list.append(known)
-        return cls(name, url, tuple(alias_list))
+        return cls(name, url, tuple(alias_list), kind)
 
     @classmethod
     def parse(cls, spec: str) -> Upstream:
@@ -242,12 +256,17 @@ def _upstreams_from_table(table: Any, origin: str) -> list[Upstream]:
             aliases = value.get("aliases", [])
             if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
                 raise ConfigError(f"{origin}: upstream {name}: aliases must be a list of URLs")
+            kind = value.get("kind")
+            if kind is not None and not isinstance(kind, str):
+                raise ConfigError(f"{origin}: upstream {name}: kind must be 'conda' or 'pypi'")
             out.append(
-                Upstream.make(str(name), value["url"], aliases, origin=f"{origin}: upstream {name}")
+                Upstream.make(
+                    str(name), value["url"], aliases, origin=f"{origin}: upstream {name}", kind=kind
+                )
             )
         else:
             raise ConfigError(
-                f"{origin}: upstream {name} must be a URL or {{ url = ..., aliases = [...] }}"
+                f"{origin}: upstream {name} must be a URL or {{ url = ..., aliases = [...], kind = ... }}"
             )
     return out
 

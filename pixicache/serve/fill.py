@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +55,10 @@ DISK_RESERVE = 16 << 20
 """Free space kept on the store's file system beyond a fill's announced size."""
 
 USER_AGENT = "pixicache-serve"
+
+
+MISMATCH_MEMORY = 60.0
+"""Seconds a digest mismatch of (URL, expected digest) is remembered and answered."""
 
 
 class FillFailed(Exception):
@@ -213,6 +218,9 @@ class FillManager:
         )
         self._fills: dict[str, Fill] = {}
         self._by_url: dict[str, Fill] = {}
+        # (url, expected) -> (when, how many times in a row, failure): upstream sent
+        # bytes that contradict the digest (see recent_mismatch)
+        self._bad: OrderedDict[str, tuple[float, int, FillFailed]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Event | None = None
         self.full_until = 0.0  # monotonic time until which misses are refused (store full)
@@ -220,6 +228,22 @@ class FillManager:
         self.full_message = ""
 
     # -- lookup ------------------------------------------------------------------------------
+    def recent_mismatch(self, url: str, expected: str | None) -> FillFailed | None:
+        """The digest failure of (``url``, ``expected``) when upstream sent wrong bytes for
+        it twice in a row, the last time less than :data:`MISMATCH_MEMORY` seconds ago: a
+        client whose stream was cut short asks again and is told why, and upstream is not
+        asked again meanwhile. Once is not enough (a transient fault gets its retry)."""
+        if not expected:
+            return None
+        key = fill_key(url, expected)
+        hit = self._bad.get(key)
+        if hit is None or hit[1] < 2:
+            return None
+        if time.monotonic() - hit[0] > MISMATCH_MEMORY:
+            del self._bad[key]
+            return None
+        return hit[2]
+
     def find(self, url: str, expected: str | None) -> Fill | None:
         """The fill in progress that serves (``url``, ``expected``), if any.
 
@@ -340,6 +364,7 @@ class FillManager:
             fill.blob_path = await self._in_thread(writer.commit, digest)
             writer = None
             fill._set_state("committed")
+            self._bad.pop(fill.key, None)
             if self.on_commit is not None:
                 self.on_commit(digest, fill.offset)
         except FillFailed as exc:
@@ -421,6 +446,13 @@ class FillManager:
             log.warning("fill failed (%s): %s", failure.status, failure.message)
         fill.error = failure
         fill._set_state("failed")
+        if failure.reason == "digest" and fill.expected:
+            before = self._bad.get(fill.key)
+            times = before[1] + 1 if before and time.monotonic() - before[0] <= MISMATCH_MEMORY else 1
+            self._bad[fill.key] = (time.monotonic(), times, failure)
+            self._bad.move_to_end(fill.key)
+            while len(self._bad) > 10_000:
+                self._bad.popitem(last=False)
 
     def _finish(self, fill: Fill) -> None:
         fill.finished = True

@@ -72,9 +72,10 @@ def split_path(raw_target: str, max_len: int = 1024) -> tuple[list[str], str]:
     if path == "/":
         return [], query
     segments = []
-    for raw in path[1:].split("/"):
+    body = path[1:-1] if path.endswith("/") else path[1:]  # one trailing '/' (index pages)
+    for raw in body.split("/"):
         if not raw:
-            raise HTTPProblem(400, "empty path segment ('//' or a trailing '/')")
+            raise HTTPProblem(400, "empty path segment ('//')")
         try:
             seg = unquote(raw, errors="strict")
         except UnicodeDecodeError:

@@ -116,8 +116,12 @@ class RepodataCache:
     def path_for(self, upstream: str, rest: Sequence[str]) -> Path:
         return self.root.joinpath(upstream, *rest)
 
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the file executor."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     async def get(
-        self, upstream: str, rest: Sequence[str], url: str
+        self, upstream: str, rest: Sequence[str], url: str, *, accept: str | None = None
     ) -> tuple[MetaEntry, Path, str]:
         """The entry for ``/{upstream}/{rest}`` (refreshed if older than the TTL), its
         file, and how it was obtained: ``cached``, ``revalidated``, ``fetched``,
@@ -138,16 +142,18 @@ class RepodataCache:
         flight = self._flights.get(key)
         joined = flight is not None
         if flight is None:
-            flight = asyncio.ensure_future(self._refresh(upstream, url, path, entry))
+            flight = asyncio.ensure_future(self._refresh(upstream, url, path, entry, accept))
             self._flights[key] = flight
             flight.add_done_callback(lambda _f: self._flights.pop(key, None))
         got, how = await asyncio.shield(flight)
         return got, path, "coalesced" if joined and how != "stale" else how
 
     async def _refresh(
-        self, upstream: str, url: str, path: Path, entry: MetaEntry | None
+        self, upstream: str, url: str, path: Path, entry: MetaEntry | None, accept: str | None
     ) -> tuple[MetaEntry, str]:
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        if accept:
+            headers["Accept"] = accept
         have_file = entry is not None and entry.status == 200 and path.exists()
         if have_file and entry is not None:
             if entry.etag:

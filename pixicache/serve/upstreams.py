@@ -56,6 +56,17 @@ class UpstreamMap:
             return None
         return f"{up.url}/v{quote(version)}/{quote(archive)}"
 
+    def mirror_path(self, url: str) -> str | None:
+        """The root-relative path at which this mirror serves the upstream URL ``url``
+        (``/{name}/{rest}``), or ``None`` when ``url`` is under no upstream."""
+        target = self.resolve(url)
+        if target is None:
+            return None
+        for (_, _, _), up in self._prefixes:
+            if target.startswith(up.url + "/"):
+                return f"/{quote(up.name)}/{target[len(up.url) + 1 :]}"
+        return None
+
     def resolve(self, url: str) -> str | None:
         """The URL to fetch for a client-named ``url``, or ``None`` if it is not allow-listed.
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from pixicache.errors import SourceNotFound, SourceUnavailable
+from pixicache.errors import IntegrityError, SourceNotFound, SourceUnavailable
 from pixicache.httputil import content_range_start, parse_retry_after
 from pixicache.sources.paths import channel_path, copy_file, digest_url, path_from_file_url
 
@@ -128,7 +128,9 @@ def stream_http(
 ) -> None:
     """One GET of ``url`` into ``writer``, resuming from ``writer.offset``.
 
-    Raises :class:`SourceUnavailable` (transient or not) for every failure.
+    Raises :class:`SourceUnavailable` (transient or not) for every failure, and
+    :class:`IntegrityError` when a pixicache mirror refused its upstream's bytes as not
+    matching the digest the request carried.
     """
     req_headers = dict(headers or {})
     offset = writer.offset
@@ -142,6 +144,10 @@ def stream_http(
             if status == 416 and offset:
                 writer.restart()
                 raise SourceUnavailable(f"{url}: HTTP 416 for a resume", transient=True)
+            if status == 502 and resp.headers.get("x-pixicache-error") == "digest":
+                # a pixicache mirror got bytes from its upstream that contradict the digest
+                # this request carried, and kept none: the bytes out there are bad
+                raise IntegrityError(f"{url}: the mirror refused upstream's bytes{_said(resp)}")
             if status in TRANSIENT_STATUS:
                 wait = parse_retry_after(resp.headers.get("retry-after"))
                 note = f" (asks to retry after {wait:g} s)" if wait is not None else ""
@@ -191,12 +197,13 @@ class MirrorSource:
         chan = channel_path(artifact)
         if artifact.kind == "conda" and chan and artifact.subdir:
             return f"{self.base_url}{chan}/{artifact.subdir}/{artifact.filename}"
-        return digest_url(self.base_url, artifact)
+        return digest_url(self.base_url, artifact) if artifact.sha256 else None
 
     def fetch(self, artifact: Artifact, writer: BlobWriter, ctx: FetchContext) -> None:
         url = self.location(artifact)
         assert url is not None
-        stream_http(ctx, url, writer, {"x-expected-sha256": artifact.sha256})
+        headers = {"x-expected-sha256": artifact.sha256} if artifact.sha256 else {}
+        stream_http(ctx, url, writer, headers)
 
 
 class DigestSource:
@@ -218,7 +225,8 @@ class DigestSource:
         return cls(value)
 
     def location(self, artifact: Artifact) -> str | None:
-        return digest_url(self.base_url, artifact)
+        # an artifact pinned by MD5 alone has no digest to ask for
+        return digest_url(self.base_url, artifact) if artifact.sha256 else None
 
     def fetch(self, artifact: Artifact, writer: BlobWriter, ctx: FetchContext) -> None:
         stream_http(ctx, digest_url(self.base_url, artifact), writer)

@@ -43,7 +43,8 @@ class LocalDirSource:
 
     def candidates(self, artifact: Artifact) -> list[Path]:
         """The paths tried, in order."""
-        out = [self.root / "sha256" / artifact.sha256[:2] / artifact.sha256]
+        sha = artifact.sha256
+        out = [self.root / "sha256" / sha[:2] / sha] if sha else []
         chan = channel_path(artifact)
         if chan and artifact.subdir:
             out.append(self.root / chan.lstrip("/") / artifact.subdir / artifact.filename)

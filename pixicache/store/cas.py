@@ -158,6 +158,7 @@ class Store:
         self.lock_dir = self.root / "locks"
         self.quarantine_dir = self.root / "quarantine"
         self.index_path = self.root / "index.sqlite"
+        self._md5_checked: dict[tuple[str, str], bool] = {}
         self.user_dir = user_area(self.root, self.shared)
         self.partial_dir = self.user_dir / "partial"
         self.package_cache = self.user_dir / "pkgs"
@@ -189,7 +190,50 @@ class Store:
 
     def touch(self, artifacts: Iterable[Artifact]) -> None:
         """Record a use of present artifacts (one transaction)."""
-        self.index.touch((a.sha256, a.size or 0, a.url) for a in artifacts)
+        rows = []
+        for a in artifacts:
+            sha = self.blob_of(a)
+            if sha is not None:
+                rows.append((sha, a.size or 0, a.url))
+        self.index.touch(rows)
+
+    def blob_of(self, artifact: Artifact) -> str | None:
+        """The SHA-256 of the blob that holds ``artifact``: its own, or for one pinned by
+        MD5 alone, the digest its bytes had when they were committed (``None``: not yet)."""
+        if artifact.sha256 is not None:
+            return artifact.sha256
+        assert artifact.md5 is not None
+        try:
+            sha = self.index.lookup_md5(artifact.md5, artifact.size)
+        except StoreError:
+            return None  # a reader that may not open the index: as if never fetched
+        if sha is None or not self._md5_holds(sha, artifact.md5):
+            return None
+        return sha
+
+    def _md5_holds(self, sha: str, md5: str) -> bool:
+        """Whether blob ``sha`` has MD5 ``md5``: the index of a shared store is written by
+        every user of the node, so a mapping is believed only once its blob is hashed
+        (once per process). A mapping that lies reads as absent: the artifact is fetched
+        again, verified by its MD5, and the mapping rewritten."""
+        key = (sha, md5)
+        known = self._md5_checked.get(key)
+        if known is None:
+            try:
+                h = hashlib.md5()
+                with os.fdopen(open_regular(self.path_for(sha)), "rb") as fh:
+                    while chunk := fh.read(HASH_CHUNK):
+                        h.update(chunk)
+                known = h.hexdigest() == md5
+            except OSError:
+                return False  # not there (yet): not cached either
+            self._md5_checked[key] = known
+        return known
+
+    def has_artifact(self, artifact: Artifact) -> bool:
+        """True if ``artifact``'s blob is present, of its size (see :meth:`blob_of`)."""
+        sha = self.blob_of(artifact)
+        return sha is not None and self.has(sha, artifact.size)
 
     def lookup_url(self, url: str) -> str | None:
         """The digest last stored for ``url``, if any."""
@@ -304,9 +348,10 @@ class Store:
             raise NotRegular(path, f"a file of {have} bytes (the lock records {size})")
         return os.fdopen(fd, "rb")
 
-    def lock(self, sha256: str, *, timeout: float | None = None) -> FileLock:
-        """The exclusive lock a writer holds while filling ``sha256``."""
-        return FileLock(self.lock_dir / f"{sha256}.lock", timeout=timeout, mode=self.file_mode)
+    def lock(self, key: str, *, timeout: float | None = None) -> FileLock:
+        """The exclusive lock a writer holds while filling ``key`` (a SHA-256, or an
+        :attr:`Artifact.key`)."""
+        return FileLock(self.lock_dir / f"{key}.lock", timeout=timeout, mode=self.file_mode)
 
     @contextlib.contextmanager
     def pin(self, sha256: str) -> Iterator[Path]:
@@ -330,15 +375,23 @@ class Store:
 
     def add_file(self, path: str | os.PathLike[str], artifact: Artifact) -> Path:
         """Copy a local file into the store, verifying it on the way."""
-        with self.lock(artifact.sha256):
-            if self.has(artifact.sha256, artifact.size):
-                return self.path_for(artifact.sha256)
+        with self.lock(artifact.key):
+            sha = self.blob_of(artifact)
+            if sha is not None and self.has(sha, artifact.size):
+                return self.path_for(sha)
             w = self.writer(artifact)
             w.restart()
             with open(path, "rb") as src, w:
                 while chunk := src.read(HASH_CHUNK):
                     w.write(chunk)
                 return w.commit()
+
+    def add_built(self, path: Path) -> str:
+        """Commit a file made on this node (a wheel built from an sdist); its SHA-256."""
+        sha = hash_file(path)
+        size = path.stat().st_size
+        self.add_file(path, Artifact(path.as_uri(), sha, size, path.name, kind="pypi"))
+        return sha
 
     def iter_blobs(self) -> Iterator[tuple[str, Path, os.stat_result]]:
         """Every committed blob: (sha256, path, stat); links and special files are skipped."""

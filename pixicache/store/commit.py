@@ -37,7 +37,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def check_digest(
-    name: str, *, expected: str, actual: str, size: int, expected_size: int | None
+    name: str,
+    *,
+    expected: str,
+    actual: str,
+    size: int,
+    expected_size: int | None,
+    kind: str = "SHA-256",
 ) -> None:
     """Raise :class:`IntegrityError` unless ``actual``/``size`` are what was expected."""
     wrong_size = expected_size is not None and size != expected_size
@@ -45,7 +51,7 @@ def check_digest(
         return
     size_note = f" (got {size} bytes, expected {expected_size})" if wrong_size else ""
     raise IntegrityError(
-        f"{name}: SHA-256 mismatch: expected {expected}, got {actual}{size_note}",
+        f"{name}: {kind} mismatch: expected {expected}, got {actual}{size_note}",
         expected=expected,
         actual=actual,
     )

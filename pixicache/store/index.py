@@ -34,6 +34,20 @@ CREATE TABLE IF NOT EXISTS urls (
     sha256 TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS blobs_last_use ON blobs(last_use);
+CREATE TABLE IF NOT EXISTS builds (
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    PRIMARY KEY (source, target, uid)
+);
+CREATE TABLE IF NOT EXISTS md5s (
+    md5 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (md5, size)
+);
 """
 
 _UPSERT_BLOB = (
@@ -153,6 +167,49 @@ class Index:
         with self._write() as conn:
             conn.execute("DELETE FROM blobs WHERE sha256=?", (sha256,))
             conn.execute("DELETE FROM urls WHERE sha256=?", (sha256,))
+            conn.execute("DELETE FROM md5s WHERE sha256=?", (sha256,))
+
+    def record_md5(self, md5: str, size: int, sha256: str) -> None:
+        """Note that the blob ``sha256`` is what an MD5-pinned artifact (``md5``, ``size``)
+        turned out to be, verified by MD5 and size when it was committed."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO md5s(md5, size, sha256) VALUES (?,?,?)", (md5, size, sha256)
+            )
+
+    def record_build(self, source: str, target: str, sha256: str, filename: str) -> None:
+        """Note that the sdist ``source`` (its digest), built for ``target`` by this uid,
+        is the wheel blob ``sha256`` named ``filename``."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO builds(source, target, uid, sha256, filename) "
+                "VALUES (?,?,?,?,?)",
+                (source, target, os.getuid(), sha256, filename),
+            )
+
+    def lookup_build(self, source: str, target: str) -> tuple[str, str] | None:
+        """``(wheel sha256, wheel file name)`` of a build of ``source`` for ``target`` made
+        by this uid or by root: a wheel built from an sdist has no digest in the lock to
+        check it against, so only builds this user could have made itself (or the site's
+        administrator, warming the node) are trusted; another user's are not."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT sha256, filename FROM builds WHERE source=? AND target=? AND uid IN (?, 0) "
+                "ORDER BY uid DESC",
+                (source, target, os.getuid()),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def lookup_md5(self, md5: str, size: int | None) -> str | None:
+        """The SHA-256 of the blob an MD5-pinned artifact was committed as, if any."""
+        with self._write() as conn:
+            if size is None:
+                row = conn.execute("SELECT sha256 FROM md5s WHERE md5=?", (md5,)).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT sha256 FROM md5s WHERE md5=? AND size=?", (md5, size)
+                ).fetchone()
+        return row[0] if row else None
 
     # -- queries -----------------------------------------------------------------------
     def lookup_url(self, url: str) -> str | None:

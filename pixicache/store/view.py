@@ -16,6 +16,11 @@ as Pixi's ``mirrors`` and rattler's mirror middleware do it. A request whose
 path does not match exactly is still answered when its file name is that of
 exactly one artifact (so a client that joins URLs differently still works).
 
+For the lock's PyPI entries it also stands in for their index (``indexes=``): each
+index ``https://HOST/PATH`` has PEP 503 project pages at ``<view>/HOST/PATH/<project>/``
+listing the lock's files of that project (their view URLs, with ``#sha256=``), so a
+client that asks the index first (uv under Pixi) finds exactly what the lock pins.
+
 It answers only the artifacts it was given, only when their blob is present
 in the store (the store verified them on the way in), and streams them with
 ``sendfile(2)`` while holding the blob's shared lock (so ``gc`` cannot remove
@@ -49,6 +54,24 @@ def _host_key(url: str) -> str | None:
         return None
     host = parts.hostname.lower()
     return f"{host}:{parts.port}" if parts.port else host
+
+
+def _normalize(name: str) -> str:
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _project_of(filename: str) -> str:
+    """The normalized project of a wheel or sdist file name."""
+    if filename.endswith(".whl"):
+        return _normalize(filename.split("-", 1)[0])
+    stem = filename
+    for ext in (".tar.gz", ".tar.bz2", ".zip", ".tgz"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    return _normalize(stem.rsplit("-", 1)[0])
 
 
 def view_path(url: str) -> str | None:
@@ -120,9 +143,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._plain(200, "ok\n", head)
             view._log(ViewRequest(self.command, path, 200))
             return
+        page = view._project_page(path)
+        if page is not None:
+            body = page.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+            view._log(ViewRequest(self.command, path, 200))
+            return
         artifact, reason = view._lookup(path)
         expected = self.headers.get("x-expected-sha256")
-        if artifact is not None and expected and expected.lower() != artifact.sha256:
+        if artifact is not None and expected and artifact.sha256 and expected.lower() != artifact.sha256:
             artifact, reason = None, f"x-expected-sha256 {expected} differs from the lock's"
         if artifact is None:
             self._plain(404, f"not in this store view: {reason}\n", head)
@@ -130,12 +164,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         store = view.store
         try:
-            with store.pin(artifact.sha256) as blob, open(blob, "rb") as fh:
+            sha = store.blob_of(artifact)
+            if sha is None:
+                raise FileNotFoundError(artifact.url)
+            with store.pin(sha) as blob, store.open_blob(sha, artifact.size) as fh:
                 size = blob.stat().st_size
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(size))
-                self.send_header("ETag", f'"{artifact.sha256}"')
+                self.send_header("ETag", f'"{sha}"')
                 self.send_header("Cache-Control", "public, max-age=31536000, immutable")
                 self.end_headers()
                 sent = 0
@@ -146,11 +183,11 @@ class _Handler(BaseHTTPRequestHandler):
                         if n == 0:
                             break
                         sent += n
-                view._log(ViewRequest(self.command, path, 200, sent, sha256=artifact.sha256))
+                view._log(ViewRequest(self.command, path, 200, sent, sha256=sha))
         except FileNotFoundError:
-            reason = f"{artifact.filename} (sha256 {artifact.sha256}) is not in the store"
+            reason = f"{artifact.filename} ({artifact.pin}) is not in the store"
             self._plain(404, f"not in this store view: {reason}\n", head)
-            view._log(ViewRequest(self.command, path, 404, reason=reason, sha256=artifact.sha256))
+            view._log(ViewRequest(self.command, path, 404, reason=reason, sha256=store.blob_of(artifact)))
 
 
 class StoreView:
@@ -166,10 +203,17 @@ class StoreView:
     """
 
     def __init__(
-        self, store: Store, artifacts: Iterable[Artifact], *, host: str = "127.0.0.1"
+        self,
+        store: Store,
+        artifacts: Iterable[Artifact],
+        *,
+        host: str = "127.0.0.1",
+        indexes: Iterable[str] = (),
     ) -> None:
         self.store = store
         self.host = host
+        self._indexes = [p for p in (view_path(i) for i in indexes) if p is not None]
+        self._projects: dict[str, list[Artifact]] = {}
         self._by_path: dict[str, Artifact] = {}
         by_name: dict[str, list[Artifact]] = {}
         for a in artifacts:
@@ -178,8 +222,10 @@ class StoreView:
                 continue
             self._by_path[p] = a
             by_name.setdefault(unquote(a.filename), []).append(a)
+            if a.kind == "pypi":
+                self._projects.setdefault(_project_of(unquote(a.filename)), []).append(a)
         self._by_name = {
-            name: arts[0] for name, arts in by_name.items() if len({x.sha256 for x in arts}) == 1
+            name: arts[0] for name, arts in by_name.items() if len({x.key for x in arts}) == 1
         }
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -229,11 +275,12 @@ class StoreView:
         p = view_path(channel)
         return None if p is None else self.url + p
 
-    def mirrors(self, channels: Iterable[str]) -> dict[str, list[str]]:
+    def mirrors(self, channels: Iterable[str], pypi: Iterable[str] = ()) -> dict[str, list[str]]:
         """A ``mirrors`` table (Pixi config / rattler ``MirrorMiddleware``) mapping
-        each http(s) channel URL, without its trailing slash, to this view."""
+        each http(s) channel URL and PyPI prefix (an index URL, a file host), without
+        its trailing slash, to this view."""
         out: dict[str, list[str]] = {}
-        for channel in channels:
+        for channel in [*channels, *pypi]:
             mirror = self.mirror_of(channel)
             if mirror is not None:
                 out[channel.rstrip("/")] = [mirror]
@@ -262,6 +309,24 @@ class StoreView:
         return sum(r.bytes for r in self.requests)
 
     # -- used by the handler --------------------------------------------------------------
+    def _project_page(self, path: str) -> str | None:
+        """The PEP 503 page for ``<index>/<project>/``, if ``path`` names one."""
+        import html
+
+        head, _, project = path.rstrip("/").rpartition("/")
+        if head not in self._indexes:
+            return None
+        files = self._projects.get(_normalize(project), [])
+        if not files:
+            return None  # a project the lock does not have: 404, as an index says
+        links = "".join(
+            f'<a href="{html.escape(self.url + (view_path(a.url) or ""))}'
+            f'{"#sha256=" + a.sha256 if a.sha256 else ""}">{html.escape(a.filename)}</a><br/>\n'
+            for a in files
+        )
+        name = html.escape(_normalize(project))
+        return f"<!DOCTYPE html>\n<html><body><h1>Links for {name}</h1>\n{links}</body></html>\n"
+
     def _log(self, rec: ViewRequest) -> None:
         with self._lock:
             self._requests.append(rec)

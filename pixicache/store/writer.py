@@ -33,8 +33,9 @@ class BlobWriter:
     def __init__(self, store: Store, artifact: Artifact) -> None:
         self.store = store
         self.artifact = artifact
-        self.partial_path: Path = store.partial_path(artifact.sha256)
+        self.partial_path: Path = store.partial_path(artifact.key)
         self._hash = hashlib.sha256()
+        self._md5 = hashlib.md5() if artifact.md5_only else None
         self._fh: BinaryIO | None = None
         self.offset = 0
         self.resumed_from = 0
@@ -47,21 +48,30 @@ class BlobWriter:
         fh.seek(0)
         size = 0
         while chunk := fh.read(HASH_CHUNK):
-            self._hash.update(chunk)
+            self._update(chunk)
             size += len(chunk)
         expected = self.artifact.size
         if expected is not None and size > expected:
             fh.truncate(0)
-            self._hash = hashlib.sha256()
+            self._reset()
             size = 0
         fh.seek(size)
         self._fh = fh
         self.offset = self.resumed_from = size
 
+    def _update(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
+
+    def _reset(self) -> None:
+        self._hash = hashlib.sha256()
+        self._md5 = hashlib.md5() if self.artifact.md5_only else None
+
     def reopen(self) -> None:
         """Start afresh after :meth:`discard` (e.g. to try another source)."""
         self.close()
-        self._hash = hashlib.sha256()
+        self._reset()
         self._open()
 
     def restart(self) -> None:
@@ -69,7 +79,7 @@ class BlobWriter:
         assert self._fh is not None
         self._fh.seek(0)
         self._fh.truncate(0)
-        self._hash = hashlib.sha256()
+        self._reset()
         if self.on_write is not None and self.offset:
             self.on_write(-self.offset)
         self.offset = 0
@@ -84,13 +94,13 @@ class BlobWriter:
             raise IntegrityError(
                 f"{self.artifact.filename}: the source sent more than the "
                 f"{expected} bytes the lock records",
-                expected=self.artifact.sha256,
+                expected=self.artifact.key,
             )
         try:
             self._fh.write(data)
         except OSError as exc:
             self._fail(exc)
-        self._hash.update(data)
+        self._update(data)
         self.offset += n
         self.written += n
         if self.on_write is not None:
@@ -110,14 +120,18 @@ class BlobWriter:
         """
         assert self._fh is not None
         art = self.artifact
+        sha = self._hash.hexdigest()
         try:
-            check_digest(
-                art.filename,
-                expected=art.sha256,
-                actual=self._hash.hexdigest(),
-                size=self.offset,
-                expected_size=art.size,
-            )
+            if self._md5 is not None:  # pinned by MD5 alone: MD5 and size decide
+                check_digest(
+                    art.filename, expected=str(art.md5), actual=self._md5.hexdigest(),
+                    size=self.offset, expected_size=art.size, kind="MD5",
+                )  # fmt: skip
+            else:
+                check_digest(
+                    art.filename, expected=str(art.sha256), actual=sha,
+                    size=self.offset, expected_size=art.size,
+                )  # fmt: skip
         except IntegrityError:
             self.discard()
             raise
@@ -127,8 +141,10 @@ class BlobWriter:
             self._fail(exc)
         dest = commit_partial(
             self.store, self._fh.fileno(), self.partial_path,
-            sha256=art.sha256, size=self.offset, url=art.url,
-        )
+            sha256=sha, size=self.offset, url=art.url, locked=not art.md5_only,
+        )  # fmt: skip
+        if art.md5 is not None:
+            self.store.index.record_md5(art.md5, self.offset, sha)
         self._fh.close()
         self._fh = None
         return dest

@@ -53,6 +53,7 @@ __all__ = [
     "build_channel",
     "build_demo_channel",
     "build_python_shim",
+    "build_venv_python",
     "current_subdir",
     "demo_channel_specs",
     "repodata",
@@ -375,6 +376,47 @@ def build_python_shim(
         "0_pixicache_shim",
         subdir=subdir or current_subdir(),
         files={"bin/python": shim, f"bin/python{major_minor}": shim},
+        license="Python-2.0",
+    )
+
+
+def build_venv_python(
+    host_python: str | os.PathLike[str] | None = None,
+    *,
+    subdir: str | None = None,
+    version: str | None = None,
+) -> PackageSpec:
+    """A ``python`` package that makes the environment a real virtual environment over a
+    host interpreter: ``bin/python``, ``bin/python3`` and ``bin/pythonX.Y`` are symbolic
+    links to it and ``pyvenv.cfg`` names its home, with
+    ``include-system-site-packages = false``.
+
+    Unlike :func:`build_python_shim`, the interpreter's own ``sysconfig`` then reports
+    the environment's ``lib/pythonX.Y/site-packages`` and ``bin`` (``sys.prefix`` is the
+    prefix), so PyPI wheels install into the environment as they would into a
+    conda-forge ``python``, and nothing of the host's ``site-packages`` is visible.
+    """
+    host = os.path.realpath(os.fspath(host_python or sys.executable))
+    version = version or _python_version(host)
+    major_minor = ".".join(version.split(".")[:2])
+    cfg = (
+        f"home = {os.path.dirname(host)}\n"
+        "include-system-site-packages = false\n"
+        f"version = {version}\n"
+        f"executable = {host}\n"
+    )
+    files: dict[str, Any] = {
+        "pyvenv.cfg": FileSpec(cfg),
+        f"lib/python{major_minor}/site-packages/.keep": "",
+    }
+    for name in ("python", "python3", f"python{major_minor}"):
+        files[f"bin/{name}"] = FileSpec(link=host)
+    return PackageSpec(
+        "python",
+        version,
+        "0_pixicache_venv",
+        subdir=subdir or current_subdir(),
+        files=files,
         license="Python-2.0",
     )
 

@@ -81,9 +81,10 @@ Content = Union[bytes, str, "FileSpec"]
 class FileSpec:
     """One file of a package.
 
-    Exactly one of ``data`` and ``source`` gives the content: ``data`` as bytes
-    (or ``str``, encoded as UTF-8), ``source`` as a path on disk that is
-    streamed (for payloads too large to hold in memory).
+    Exactly one of ``data``, ``source`` and ``link`` gives the content: ``data`` as
+    bytes (or ``str``, encoded as UTF-8), ``source`` as a path on disk that is
+    streamed (for payloads too large to hold in memory), ``link`` as the target
+    of a symbolic link (``path_type: softlink`` in ``paths.json``).
 
     Attributes:
         data: the file's bytes.
@@ -103,10 +104,11 @@ class FileSpec:
     file_mode: str | None = None
     placeholder: str = PLACEHOLDER
     no_link: bool = False
+    link: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.data is None) == (self.source is None):
-            raise ValueError("FileSpec needs exactly one of data= or source=")
+        if sum(x is not None for x in (self.data, self.source, self.link)) != 1:
+            raise ValueError("FileSpec needs exactly one of data=, source= or link=")
         if self.file_mode not in (None, "text", "binary"):
             raise ValueError(f"file_mode must be 'text', 'binary' or None, not {self.file_mode!r}")
         if self.source is not None and self.file_mode is not None:
@@ -128,7 +130,9 @@ class FileSpec:
 
     @property
     def size(self) -> int:
-        """The file's size in bytes."""
+        """The file's size in bytes (0 for a link)."""
+        if self.link is not None:
+            return 0
         data = self.content
         return len(data) if data is not None else self.source_path.stat().st_size
 
@@ -291,6 +295,8 @@ def _hash_file(path: Path) -> tuple[str, int]:
 
 
 def _paths_entry(path: str, fs: FileSpec) -> dict[str, Any]:
+    if fs.link is not None:
+        return {"_path": path, "path_type": "softlink"}
     data = fs.content
     if data is not None:
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
@@ -347,7 +353,12 @@ def _write_tar(
     with tarfile.open(fileobj=fileobj, mode=mode, format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         for name, fs in members:
             data = fs.content
-            if data is not None:
+            if fs.link is not None:
+                ti = _tarinfo(name, 0, 0o777, mtime)
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = fs.link
+                tar.addfile(ti)
+            elif data is not None:
                 tar.addfile(_tarinfo(name, len(data), fs.mode, mtime), io.BytesIO(data))
             else:
                 with open(fs.source_path, "rb") as fh:

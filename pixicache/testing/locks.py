@@ -38,13 +38,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
-__all__ = ["DEFAULT_CHANNEL", "DEFAULT_INDEX", "LockPackage", "render_lock", "write_lock"]
+__all__ = ["DEFAULT_CHANNEL", "LockPackage", "render_lock", "write_lock"]
 
 DEFAULT_CHANNEL = "https://conda.anaconda.org/conda-forge/"
 """The channel written when ``channels`` is not given."""
 
-DEFAULT_INDEX = "https://pypi.org/simple"
-"""The PyPI index written (v5+) for environments with PyPI packages."""
 
 _CONDA_EXTS = (".conda", ".tar.bz2")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
@@ -78,6 +76,7 @@ class LockPackage:
     timestamp: int | None = None
     requires_dist: list[str] = field(default_factory=list)
     requires_python: str | None = None
+    editable: bool = False  # a PyPI path entry installed in place
 
     def __post_init__(self) -> None:
         if self.kind not in ("conda", "pypi"):
@@ -125,7 +124,7 @@ def render_lock(
         channels: the conda channels, one list for every environment or a
             mapping per environment (default: conda-forge).
         indexes: the PyPI indexes written (v5+) for environments that have
-            PyPI packages (default: ``https://pypi.org/simple``).
+            PyPI packages (default: ``<origin>/simple`` of the first PyPI file's URL).
 
     Returns:
         The lock text; the same input always renders to the same bytes.
@@ -200,7 +199,7 @@ def _environment(
     out: dict[str, Any] = {"channels": [{"url": c} for c in chans]}
     has_pypi = any(p.kind == "pypi" for pkgs in platforms.values() for p in pkgs)
     if version >= 5 and (has_pypi or indexes):
-        out["indexes"] = list(indexes or [DEFAULT_INDEX])
+        out["indexes"] = list(indexes or _derived_indexes(platforms))
 
     def ref_key(p: LockPackage) -> tuple[Any, ...]:
         # Conda before PyPI; pixi 0.2x (v6) orders by file name, rattler (v4,
@@ -214,6 +213,16 @@ def _environment(
         for plat, pkgs in platforms.items()
     }
     return out
+
+
+def _derived_indexes(platforms: dict[str, list[LockPackage]]) -> list[str]:
+    """``<origin>/simple`` of the first PyPI file's URL: no index host is assumed."""
+    for pkgs in platforms.values():
+        for p in pkgs:
+            if p.kind == "pypi" and p.is_url:
+                parts = urlsplit(p.url)
+                return [f"{parts.scheme}://{parts.netloc}/simple"]
+    raise ValueError("a lock with PyPI packages but no URL among them needs indexes=[...]")
 
 
 def _derived(pkg: LockPackage) -> tuple[str | None, str | None, str | None]:
@@ -263,6 +272,8 @@ def _tail(pkg: LockPackage, out: dict[str, Any]) -> dict[str, Any]:
             out["requires_dist"] = list(pkg.requires_dist)
         if pkg.requires_python:
             out["requires_python"] = pkg.requires_python
+        if pkg.editable:
+            out["editable"] = True
     return out
 
 

@@ -224,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, rec: RequestRecord, path: str, head: bool) -> None:
         owner = self.server.owner
-        file = owner._resolve(path)
+        file = owner._resolve(path, self.headers.get("Accept"))
         st = file.stat() if file is not None else None
         fault = owner._take_fault(self.command, path, has_body=st is not None and not head)
         if fault is not None:
@@ -267,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = end - start + 1 if size else 0
         rec.status = 206 if isinstance(span, tuple) else 200
         self.send_response(rec.status)
-        self.send_header("Content-Type", _content_type(path))
+        self.send_header("Content-Type", _content_type(str(file)))
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", etag)
@@ -406,9 +406,16 @@ def _flip(data: bytes, offset: int, span: tuple[int, int]) -> bytes:
     return bytes(buf)
 
 
+PEP691 = "application/vnd.pypi.simple.v1+json"
+
+
 def _content_type(path: str) -> str:
+    if path.endswith("index.json"):
+        return PEP691
     if path.endswith(".json"):
         return "application/json"
+    if path.endswith(".html"):
+        return "text/html; charset=utf-8"
     return "application/octet-stream"
 
 
@@ -673,7 +680,7 @@ class UpstreamServer:
                     return fault
         return None
 
-    def _resolve(self, path: str) -> Path | None:
+    def _resolve(self, path: str, accept: str | None = None) -> Path | None:
         """The file a URL path names, or None (outside the prefix, a directory, missing)."""
         if self.url_prefix:
             if not path.startswith(self.url_prefix + "/"):
@@ -683,6 +690,11 @@ class UpstreamServer:
         if not parts or any(p in (".", "..") or "\\" in p for p in parts):
             return None
         candidate = self.root.joinpath(*parts)
+        if candidate.is_dir() and path.endswith("/"):
+            # a directory index (a PEP 503/691 project page): JSON when asked for
+            wants_json = PEP691 in (accept or "")
+            page = candidate / ("index.json" if wants_json else "index.html")
+            return page if page.is_file() else None
         return candidate if candidate.is_file() else None
 
 

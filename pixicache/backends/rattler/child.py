@@ -326,6 +326,12 @@ async def _install(records: list[Any], req: dict[str, Any], reinstall: set[str] 
     return counter.operations
 
 
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Write the prefix marker (with the time of the install)."""
+    state["installed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_atomic(path, json.dumps(state, indent=1, sort_keys=True))
+
+
 def activation_script(prefix: str) -> str:
     """The bash activation script of ``prefix``; it prepends ``<prefix>/bin`` to
     the ``PATH`` the script finds when it runs."""
@@ -389,9 +395,8 @@ def cmd_install(req: dict[str, Any]) -> dict[str, Any]:
     t = time.monotonic()
     save_activation(str(prefix), activation_script(str(prefix)))
     timings["activation"] = time.monotonic() - t
-    state = dict(req.get("state") or {})
-    state["installed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_atomic(state_path, json.dumps(state, indent=1, sort_keys=True))
+    if req.get("state") is not None:  # else the parent writes it, after what it installs
+        write_state(state_path, dict(req["state"]))
     return {
         "ok": True,
         "operations": operations,
