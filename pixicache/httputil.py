@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import re
 from typing import Union
+
+# RFC 9110 14.1.2: "bytes" "=" first-pos "-" [ last-pos ] / "-" suffix-length, DIGITs only
+# (no sign, no "_", no spaces inside numbers); at most 19 digits (an int64)
+_RANGE = re.compile(r"\A[Bb][Yy][Tt][Ee][Ss][ \t]*=[ \t]*([0-9]{0,19})-([0-9]{0,19})[ \t]*\Z")
+_CONTENT_RANGE = re.compile(r"\A[ \t]*bytes[ \t]+([0-9]{1,19})-[0-9]{1,19}/(?:[0-9]{1,19}|\*)[ \t]*\Z", re.I)
 
 __all__ = [
     "Span",
@@ -37,24 +43,20 @@ def parse_range(header: str | None, size: int) -> Span:
     """
     if not header:
         return None
-    unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, sep, last = spec.strip().partition("-")
-    if not sep:
-        return None
-    first, last = first.strip(), last.strip()
-    try:
-        if not first:
-            n = int(last)
-            if n <= 0 or size == 0:
-                return "unsatisfiable"
-            return max(0, size - n), size - 1
-        a = int(first)
-        b = int(last) if last else size - 1
-    except ValueError:
-        return None
-    if a < 0 or (last and b < a):
+    m = _RANGE.match(header)
+    if m is None:
+        return None  # malformed, another unit, several ranges: ignored (RFC 9110 14.2)
+    first, last = m.group(1), m.group(2)
+    if not first:
+        if not last:
+            return None
+        n = int(last)
+        if n <= 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - n), size - 1
+    a = int(first)
+    b = int(last) if last else size - 1
+    if last and b < a:
         return None
     if a >= size:
         return "unsatisfiable"
@@ -67,13 +69,8 @@ def content_range_start(value: str | None) -> int | None:
     >>> content_range_start("bytes 100-199/200"), content_range_start("items 1-2/3")
     (100, None)
     """
-    unit, _, rest = (value or "").strip().partition(" ")
-    if unit.lower() != "bytes":
-        return None
-    try:
-        return int(rest.split("-", 1)[0])
-    except ValueError:
-        return None
+    m = _CONTENT_RANGE.match(value or "")
+    return int(m.group(1)) if m else None
 
 
 def http_date(timestamp: float) -> str:

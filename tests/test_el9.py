@@ -179,9 +179,16 @@ def test_two_users_share_a_node_store_on_an_el9_python(
     for uid in USERS:
         area = (store / f"user.{uid}").stat()
         assert area.st_uid == uid and area.st_mode & 0o777 == 0o700
+    # top directories sticky (no member renames another's), fan-out ones not (any member
+    # can quarantine a corrupt blob)
     for d in (store / "sha256", store / "locks"):
-        assert stat.S_IMODE(d.stat().st_mode) == 0o2775, oct(d.stat().st_mode)
+        assert stat.S_IMODE(d.stat().st_mode) == 0o3775, oct(d.stat().st_mode)
         assert d.stat().st_gid == GROUP
+    for d in (store / "sha256").iterdir():
+        assert stat.S_IMODE(d.stat().st_mode) == 0o2775, oct(d.stat().st_mode)
+    journal = store / "index.sqlite-journal"  # PERSIST: one journal, made with the index
+    assert journal.is_file() and not journal.is_symlink()
+    assert stat.S_IMODE(journal.stat().st_mode) & 0o060 == 0o060
     for f in (store / "index.sqlite", *(store / "locks").iterdir()):
         assert stat.S_IMODE(f.stat().st_mode) & 0o060 == 0o060, (f, oct(f.stat().st_mode))
 

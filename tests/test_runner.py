@@ -120,7 +120,7 @@ def test_execution_plan_runs_dependencies_first_each_once(workspace):
         ("with-args", "echo dep from-Y >> order.txt"),
         ("calls-with-args", "echo caller Y >> order.txt"),
     ]
-    with pytest.raises(TaskError, match="cycle: cycle-a -> cycle-b -> cycle-a"):
+    with pytest.raises(LockError, match="cycle: cycle-a -> cycle-b -> cycle-a"):
         m.execution_plan("cycle-a")
 
 

@@ -165,22 +165,73 @@ def test_http_semantics_of_a_stored_artifact(serve, upstream_root, client):
     assert fresh.status_code == 206 and fresh.content == data[:10]
 
 
-def test_a_fill_without_a_digest_is_hashed_and_indexed_by_url(
+def _publish_record(upstream_root: Path, rel: str, data: bytes, *, sha: bool = True) -> None:
+    """A channel ``repodata.json`` beside ``rel`` with its record (sha256 or md5 only)."""
+    subdir_dir = (upstream_root / rel).parent
+    name = rel.rsplit("/", 1)[-1]
+    rec = {"size": len(data), "md5": hashlib.md5(data).hexdigest()}
+    if sha:
+        rec["sha256"] = hashlib.sha256(data).hexdigest()
+    key = "packages.conda" if name.endswith(".conda") else "packages"
+    doc = {"info": {"subdir": subdir_dir.name}, "packages": {}, "packages.conda": {}}
+    doc[key][name] = rec
+    (subdir_dir / "repodata.json").write_text(json.dumps(doc, indent=1))
+
+
+def test_a_fill_without_a_digest_is_verified_from_the_channel_record(
     serve, upstream, upstream_root, client
 ):
+    """conda and mamba send no x-expected-sha256: the record in the channel's own
+    repodata.json (passed through by this mirror) says what the bytes must be."""
     data = os.urandom(50_000)
     sha = put(upstream_root, PKG, data)
+    _publish_record(upstream_root, PKG, data)
     url = f"{serve.url}/{PKG}"
     first = client.get(url)
     assert first.status_code == 200 and first.content == data
-    assert "etag" not in first.headers  # unknown until the whole body is hashed
     serve.wait_idle()
     second = client.get(url)
     assert second.headers["x-pixicache-cache"] == "hit" and second.headers["etag"] == f'"{sha}"'
-    # a request that names the digest finds the same blob
     third = client.get(url, headers={"x-expected-sha256": sha})
     assert third.headers["x-pixicache-cache"] == "hit" and third.content == data
     assert upstream.count(UP_PATH) == 1
+
+
+def test_a_fill_without_a_digest_that_contradicts_the_record_is_never_stored(
+    serve, upstream, upstream_root, client
+):
+    data = os.urandom(50_000)
+    put(upstream_root, PKG, data)
+    _publish_record(upstream_root, PKG, os.urandom(50_000))  # the channel says: other bytes
+    kind, detail = outcome(client, f"{serve.url}/{PKG}")
+    assert kind in ("aborted", "status") and detail != 200
+    serve.wait_idle()
+    assert not Store(serve.config.cache_dir).has(hashlib.sha256(data).hexdigest())
+    # a file the channel has no record of is not fetched at all
+    put(upstream_root, "conda-forge/linux-64/unlisted-1-0.conda", data)
+    unlisted = client.get(f"{serve.url}/conda-forge/linux-64/unlisted-1-0.conda")
+    assert unlisted.status_code == 404 and "repodata.json" in unlisted.text
+    assert upstream.count("/conda-forge/linux-64/unlisted-1-0.conda") == 0
+
+
+def test_a_package_the_channel_pins_by_md5_alone_is_verified_by_md5_and_size(
+    serve, upstream, upstream_root, client
+):
+    data = os.urandom(30_000)
+    rel = "conda-forge/linux-64/old-1-0.tar.bz2"
+    put(upstream_root, rel, data)
+    _publish_record(upstream_root, rel, data, sha=False)
+    ok = client.get(f"{serve.url}/{rel}")
+    assert ok.status_code == 200 and ok.content == data
+    serve.wait_idle()
+    store = Store(serve.config.cache_dir)
+    sha = hashlib.sha256(data).hexdigest()
+    assert store.has(sha) and store.index.lookup_md5(hashlib.md5(data).hexdigest(), len(data)) == sha
+    bad_rel = "conda-forge/linux-64/old-2-0.tar.bz2"
+    put(upstream_root, bad_rel, data)
+    _publish_record(upstream_root, bad_rel, os.urandom(30_000), sha=False)
+    kind, detail = outcome(client, f"{serve.url}/{bad_rel}")
+    assert kind in ("aborted", "status") and detail != 200
 
 
 def test_digest_endpoint_hits_fills_from_allowed_urls_and_verifies(
@@ -393,21 +444,23 @@ def test_an_upstream_without_content_length_is_streamed_chunked(tmp_path, client
             part = client.get(url, headers={"x-expected-sha256": sha, "Range": "bytes=10-19"})
             assert part.status_code == 206 and part.content == data[10:20]
             other = url.replace("x-1-0", "y-1-0")
-            full = client.get(
-                other, headers={"x-expected-sha256": sha}
-            )  # same bytes, other name: a hit
+            # same digest, other URL: not a hit by the header alone (a client's header never
+            # decides what a URL holds): upstream is asked for that URL, verified
+            full = client.get(other, headers={"x-expected-sha256": sha})
             assert full.status_code == 200 and full.content == data
+            assert full.headers["x-pixicache-cache"] == "miss"
             third = url.replace("x-1-0", "z-1-0")
-            streamed = client.get(third)  # no digest: streamed through as it arrives
-            assert streamed.status_code == 200 and streamed.content == data
-            assert streamed.headers.get("transfer-encoding") == "chunked"
+            # no digest, and this upstream has no repodata.json to say what the bytes must
+            # be (it answers everything with the same body): refused, nothing stored
+            refused = client.get(third)
+            assert refused.status_code == 404 and "x-expected-sha256" in refused.text
             kind, detail = outcome(
                 client, url.replace("x-1-0", "w-1-0"), {"x-expected-sha256": "c" * 64}
             )
             assert kind in ("aborted", "status") and detail != 200
             srv.wait_idle()
             assert not Store(cfg.cache_dir).has("c" * 64)
-            assert up.count == 3
+            assert up.count == 4  # x, y, the repodata.json asked for z, w
 
 
 # -- metadata ------------------------------------------------------------------------------------
@@ -447,8 +500,10 @@ def test_repodata_passes_through_with_ttl_and_conditional_revalidation(
             assert (
                 client.get(f"{srv.url}/conda-forge/linux-64/repodata.json.zst").status_code == 404
             )
-        # the copy and the 404 cached before the restart are fresh for 600 s: no upstream request
-        assert upstream.count("*") == 0
+        # the copy cached before the restart is fresh for 600 s: no upstream request; the
+        # 404 was remembered in memory only (never on disk), so it is asked once again
+        assert upstream.count("/conda-forge/linux-64/repodata.json") == 0
+        assert upstream.count("/conda-forge/linux-64/repodata.json.zst") == 1
         r = client.get(f"{srv.url}/conda-forge/linux-64/repodata.json")
         assert r.headers["x-pixicache-cache"] == "cached"
 
@@ -487,8 +542,11 @@ def test_pixi_archives_are_verified_against_the_pin_table(
         kind, _ = outcome(client, f"{srv.url}/pixi/v0.0.2/{archive}")  # bytes differ from the pin
         assert kind in ("status", "aborted")
         srv.wait_idle()
+        # an unpinned release is fetched only when the request names its digest
         unpinned = client.get(f"{srv.url}/pixi/0.0.3/{archive}")
-        assert unpinned.status_code == 200 and unpinned.content == data
+        assert unpinned.status_code == 404 and "not pinned" in unpinned.text
+        named = client.get(f"{srv.url}/pixi/0.0.3/{archive}", headers={"x-expected-sha256": sha})
+        assert named.status_code == 200 and named.content == data
         srv.wait_idle()
         assert client.get(f"{srv.url}/sha256/{sha}").status_code == 200
 

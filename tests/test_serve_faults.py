@@ -428,11 +428,22 @@ def test_a_client_digest_header_cannot_poison_what_a_url_serves(
     )
     serve.wait_idle()
     victim = f"{serve.url}/conda-forge/linux-64/victim-1-0.conda"
-    # content addressing: whoever names a digest gets those bytes...
-    assert client.get(victim, headers={"x-expected-sha256": good_sha}).content == good
-    serve.call(serve.app._flush_touches())
-    # ...but the URL is not taught to hold them: a client without a digest gets upstream's bytes
-    assert client.get(victim).content == other
+    # a digest the index cannot confirm for this URL is no hit: upstream's bytes for the
+    # URL are fetched, and they are not those of the digest, so nothing is served
+    kind, detail = outcome(client, victim, {"x-expected-sha256": good_sha})
+    assert kind in ("aborted", "status") and detail != 200, (kind, detail)
+    if kind == "aborted":
+        assert detail[0] < len(other)  # type: ignore[index]  # the last byte held back
+    serve.wait_idle()
+    # the digest route is where a digest names the bytes
+    assert client.get(f"{serve.url}/sha256/{good_sha}").content == good
+    # once the URL's own bytes are known, a header that contradicts them is a 409
+    other_sha = hashlib.sha256(other).hexdigest()
+    assert client.get(victim, headers={"x-expected-sha256": other_sha}).content == other
+    serve.wait_idle()
+    conflict = client.get(victim, headers={"x-expected-sha256": good_sha})
+    assert conflict.status_code == 409 and good_sha in conflict.text
+    assert client.get(victim, headers={"x-expected-sha256": other_sha}).headers["x-pixicache-cache"] == "hit"
 
 
 def test_a_slowloris_client_is_dropped_after_the_header_timeout(tmp_path, upstream):

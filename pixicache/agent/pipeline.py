@@ -469,7 +469,8 @@ def run(
     rep = report if report is not None else RunReport("run", path=None)
     m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
     env = environment or m.environment_for(task)
-    m.task(task, env, options.platform or _this_platform())  # unknown: fails before installing
+    # an unknown task, a cycle or a too deep depends-on, bad arguments: before installing
+    m.execution_plan(task, args, env, options.platform or _this_platform(), supported_only=False)
     with interruptible():
         outcome = install(m, env, options=options, report=rep)
     with rep.phase("task"):

@@ -53,14 +53,43 @@ def cache_info(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"known URLs:   {info.urls}")
 
 
+def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    text = value.strip().lower()
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration (e.g. 3600, 90m, 7d)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise click.BadParameter(f"{value!r} is not a finite, non-negative duration")
+    return seconds
+
+
 @cache.command("verify")
+@click.option(
+    "--max-age", callback=_duration, metavar="DURATION", default=None,
+    help="Only blobs not verified for this long (e.g. 7d), or whose file changed since "
+    "(inode, size, mtime, ctime); default: every blob.",
+)
+@click.option(
+    "--sample", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="FRACTION",
+    help="Hash only this fraction (0-1] of the blobs due, picked at random: a bounded pass.",
+)
 @cache_dir_option
 @click.pass_context
 @handle_errors
-def cache_verify(ctx: click.Context) -> None:
-    """Re-hash every blob; quarantine the bad ones (exit 4 if any)."""
+def cache_verify(ctx: click.Context, max_age: float | None, sample: float | None) -> None:
+    """Re-hash blobs; quarantine the bad ones (exit 4 if any).
+
+    \b
+    A scheduled pass (see docs/threat-model.md for a systemd timer):
+      pixicache cache verify --max-age 7d --sample 0.1
+    """
     store = open_store(settings_from(ctx))
-    rep = store.verify()
+    rep = store.verify(max_age=max_age, sample=sample)
     click.echo(f"verified {rep.checked} blobs ({human_bytes(rep.bytes)})")
     for sha, why in rep.bad:
         click.echo(f"  BAD {sha}: {why}; moved to {store.quarantine_dir}")

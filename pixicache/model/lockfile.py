@@ -94,11 +94,47 @@ _BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _LockLoader(_BaseLoader):
-    """The safe loader (libyaml-backed when available), minus float and date typing.
+    """The safe loader (libyaml-backed when available), minus float and date typing,
+    and stricter than YAML where a lock must be: no duplicate keys in a mapping (YAML
+    would keep the last one silently; rattler refuses them), no aliases (Pixi never
+    writes one, and they let a small file stand for a huge document), integers of at
+    most 30 digits.
 
     An unquoted ``version: 1.10`` or ``2024-01-01`` stays the string it is, as
     rattler (which reads into typed string fields) sees it.
     """
+
+    def construct_document(self, node: Any) -> Any:
+        seen: set[int] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "an alias (*name): pixi locks have none", n.start_mark
+                )
+            seen.add(id(n))
+            if isinstance(n, yaml.MappingNode):
+                keys = set()
+                for k, v in n.value:
+                    if isinstance(k, yaml.ScalarNode):
+                        if k.value in keys:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"the key {k.value[:80]!r} appears twice", k.start_mark
+                            )
+                        keys.add(k.value)
+                    stack += [k, v]
+            elif isinstance(n, yaml.SequenceNode):
+                stack += n.value
+        return super().construct_document(node)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        digits = node.value.lstrip("+-").replace("_", "")
+        if len(digits) > 30:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(digits)} digits", node.start_mark
+            )
+        return super().construct_yaml_int(node)
 
     yaml_implicit_resolvers = {
         first: [
@@ -108,6 +144,9 @@ class _LockLoader(_BaseLoader):
         ]
         for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
     }
+
+
+_LockLoader.add_constructor("tag:yaml.org,2002:int", _LockLoader.construct_yaml_int)
 
 
 # --------------------------------------------------------------------------- model
@@ -589,8 +628,8 @@ class _Parser:
     def environment(self, name: str, doc: Any, version: int, declared: dict[str, str]) -> _Env:
         if not isinstance(doc, dict):
             raise self.fail(f"environment '{name}' must be a mapping, found {_type_name(doc)}")
-        channels = tuple(self.channel(name, c) for c in (doc.get("channels") or []))
-        indexes = tuple(str(i) for i in (doc.get("indexes") or []))
+        channels = tuple(self.channel(name, c) for c in self.seq(doc.get("channels"), f"environment '{name}': `channels`"))
+        indexes = tuple(str(i) for i in self.seq(doc.get("indexes"), f"environment '{name}': `indexes`"))
         pkgs = doc.get("packages")
         if pkgs is None:
             pkgs = {}
@@ -610,9 +649,20 @@ class _Parser:
                     )
             elif plat not in KNOWN_SUBDIRS:
                 raise self.fail(f"environment '{name}' uses unknown platform '{plat}'")
-            refs[plat] = [self.reference(name, plat, item) for item in (items or [])]
+            refs[plat] = [
+                self.reference(name, plat, item)
+                for item in self.seq(items, f"environment '{name}', platform '{plat}'")
+            ]
         locked = LockedEnvironment(name, channels, indexes, tuple(refs))
         return _Env(locked, refs)
+
+    def seq(self, value: Any, where: str) -> list[Any]:
+        """A list field (absent or null: empty); anything else is an error naming it."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(f"{where} must be a list, found {_type_name(value)}")
+        return value
 
     def channel(self, env: str, item: Any) -> str:
         if isinstance(item, str):
@@ -667,14 +717,36 @@ class _Parser:
             url=location,
             sha256=sha256,
             md5=md5,
-            size=_int_or_none(entry.get("size")),
+            size=self.uint(entry, "size", location),
             name=str(entry.get("name") or ""),
             version=_str(entry.get("version")),
-            requires_dist=[str(r) for r in entry.get("requires_dist") or []],
+            requires_dist=self.strings(entry, "requires_dist", location),
             requires_python=_str_or_none(entry.get("requires_python")),
             editable=bool(entry.get("editable", False)),
             raw=entry,
         )
+
+    def uint(self, entry: dict[str, Any], key: str, location: str) -> int | None:
+        """A non-negative integer field (``size``, ``build_number``, ``timestamp``), as
+        rattler reads it (an unsigned 64-bit number), or ``None`` when absent."""
+        value = entry.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+            shown = repr(value) if not isinstance(value, int) else str(value)[:20]
+            raise self.fail(
+                f"{location}: `{key}` must be a whole number of 0 or more, not {shown[:60]}"
+            )
+        return value
+
+    def strings(self, entry: dict[str, Any], key: str, location: str) -> list[str]:
+        """A list-of-strings field (``depends``...); absent is empty."""
+        value = entry.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            raise self.fail(f"{location}: `{key}` must be a list of strings, not {_type_name(value)}")
+        return [str(v) for v in value]
 
     def conda(
         self,
@@ -699,7 +771,7 @@ class _Parser:
             missing = "name" if not name else "version"
             raise self.fail(f"conda entry {location} has no `{missing}` and none can be derived")
         build = _str_or_none(entry.get("build")) or d_build or ""
-        build_number = _int_or_none(entry.get("build_number"))
+        build_number = self.uint(entry, "build_number", location)
         if build_number is None:
             m = _TRAILING_DIGITS.search(build)
             build_number = int(m.group(1)) if m else 0
@@ -715,17 +787,17 @@ class _Parser:
             url=location,
             sha256=sha256,
             md5=md5,
-            size=_int_or_none(entry.get("size")),
+            size=self.uint(entry, "size", location),
             name=name,
             version=version,
             build=build,
             build_number=build_number,
             subdir=subdir,
-            depends=[str(d) for d in entry.get("depends") or []],
-            constrains=[str(c) for c in entry.get("constrains") or []],
+            depends=self.strings(entry, "depends", location),
+            constrains=self.strings(entry, "constrains", location),
             noarch=noarch,
             license=_str_or_none(entry.get("license")),
-            timestamp=_int_or_none(entry.get("timestamp")),
+            timestamp=self.uint(entry, "timestamp", location),
             raw=entry,
         )
 

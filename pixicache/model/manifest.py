@@ -342,9 +342,16 @@ class Manifest:
                 "Pixi refuses it too; create it with `pixi init`"
             )
         self.table: dict[str, Any] = ws
+        where = "[tool.pixi.workspace]" if self.is_pyproject else "[workspace]"
+        for key in ("name", "version"):
+            if key in ws and not isinstance(ws[key], str):
+                raise self._error(f"{where} {key} must be a string, not {type(ws[key]).__name__}")
         self.name: str | None = _opt_str(ws.get("name")) or _opt_str(project.get("name"))
         self.version: str | None = _opt_str(ws.get("version")) or _opt_str(project.get("version"))
-        self.platforms: list[str] = [str(p) for p in ws.get("platforms", []) or []]
+        platforms = ws.get("platforms", []) or []
+        if not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms):
+            raise self._error(f"{where} platforms must be a list of platform names")
+        self.platforms: list[str] = list(platforms)
         default = self._feature(None, data)
         if self.is_pyproject:
             self._pyproject_dependencies(default, project)
@@ -405,6 +412,9 @@ class Manifest:
             raise LockError(f"{p}: not valid TOML: {exc}") from None
         except RecursionError:
             raise LockError(f"{p}: not valid TOML: nested too deeply") from None
+        except ValueError as exc:  # an integer of thousands of digits, and the like
+            why = "an integer of thousands of digits" if "digits" in str(exc) else str(exc)[:120]
+            raise LockError(f"{p}: not valid TOML: {why}") from None
         return cls(p, data)
 
     # -- queries --------------------------------------------------------------------------
@@ -576,9 +586,13 @@ class Manifest:
         args: Sequence[str] = (),
         environment: str = DEFAULT_ENVIRONMENT,
         platform: str | None = None,
+        *,
+        supported_only: bool = True,
     ) -> list[Step]:
         """The tasks to run for ``name``: its ``depends-on`` first (depth first, in
         order, each task once), then the task itself with ``args``.
+        ``supported_only=False`` skips the native runner's own refusals (a task Pixi
+        runs), keeping every check of the task graph and its arguments.
 
         Raises:
             TaskError: an unknown task, a dependency cycle, bad arguments, or a
@@ -592,14 +606,15 @@ class Manifest:
         def visit(task_name: str, given: Sequence[str], extra_allowed: bool) -> None:
             if task_name in stack:
                 cycle = " -> ".join([*stack[stack.index(task_name) :], task_name])
-                raise TaskError(f"{self.path}: the tasks depend on each other in a cycle: {cycle}")
+                raise self._error(f"the tasks depend on each other in a cycle: {cycle}")
             if len(stack) >= MAX_TASK_DEPTH:
                 raise self._error(
                     f"task '{name}' depends on a chain of more than {MAX_TASK_DEPTH} tasks "
                     f"(... -> {' -> '.join(stack[-3:])} -> {task_name}): flatten its depends-on"
                 )
             task = self.task(task_name, environment, platform)
-            task.check_supported()
+            if supported_only:
+                task.check_supported()
             if task.args or not extra_allowed:
                 values = task.bind_args(given)
                 extra: Sequence[str] = ()
@@ -638,6 +653,7 @@ class Manifest:
         ):
             if key in data:
                 setattr(feat, attr, _table(data[key], self._error, f"[{prefix}{key}]"))
+        _check_system_requirements(feat.system_requirements, self._error, f"[{prefix}system-requirements]")
         targets = data.get("target") or {}
         if target is None and targets:
             if not isinstance(targets, dict):
@@ -786,6 +802,25 @@ def _render_value(task: Task, value: str, values: dict[str, str]) -> str:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+def _check_system_requirements(table: dict[str, Any], error: Any, where: str) -> None:
+    """Each value a version: a string, or a whole or finite number; ``libc`` may be a
+    table of them (``family``, ``version``)."""
+    import math
+
+    def ok(value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, float):
+            return math.isfinite(value) and value >= 0
+        return isinstance(value, str) or (isinstance(value, int) and value >= 0)
+
+    for key, value in table.items():
+        if isinstance(value, dict) and key == "libc" and all(ok(v) for v in value.values()):
+            continue
+        if not ok(value):
+            raise error(f"{where} {key} = {str(value)[:40]} is not a version (write it as a string, e.g. \"12.0\")")
 
 
 def _table(value: Any, error: Any, where: str = "[activation]") -> dict[str, Any]:

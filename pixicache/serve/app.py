@@ -52,6 +52,7 @@ from pixicache.serve.http import (
     client_address,
     cork,
     if_range_allows,
+    is_trusted_proxy,
     not_modified,
     parse_networks,
     send_region,
@@ -60,10 +61,13 @@ from pixicache.serve.http import (
 )
 from pixicache.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from pixicache.serve.pypi import PypiPages, is_distribution, normalize_project, project_of
+from pixicache.serve.records import ChannelRecords, Record
 from pixicache.serve.repodata import RepodataCache, is_metadata
+from pixicache.serve.trust import BlobTrust
 from pixicache.serve.upstreams import UpstreamMap
 from pixicache.serve.writer import lock_mode
 from pixicache.store import Store, hash_file
+from pixicache.store.files import NotRegular, open_leaf
 from pixicache.store.locking import FileLock, LockTimeout
 
 access_log = logging.getLogger("pixicache.serve.access")
@@ -109,16 +113,25 @@ class ServeApp:
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pixicache-serve-io")
         self._session: aiohttp.ClientSession | None = None
         self.fills = FillManager(
-            self.store, self.metrics, self.executor, self.session, self._committed
-        )
+            self.store, self.metrics, self.executor, self.session, self._committed,
+            self.upstreams.may_redirect,
+        )  # fmt: skip
         self.repodata = RepodataCache(
-            self.store.root / "repodata",
+            # this server's own area of the store (a shared node store's other users
+            # cannot reach it): metadata is plain files, written and read by path
+            self.store.user_dir / "repodata",
             self.session,
             self.metrics,
             self.executor,
             config.repodata_ttl,
+            self.upstreams.may_redirect,
+            self.store.private_dir,
         )
         self.pypi = PypiPages(self.repodata, self.upstreams)
+        self.records = ChannelRecords(self.repodata, self._in_thread)
+        self.trust = BlobTrust(
+            self.store, self._in_thread, lambda sha, why: self.metrics.refused.labels("bad_blob").inc()
+        )
         self.draining = False
         self.started = time.time()
         self.store_bytes = 0
@@ -338,7 +351,12 @@ class ServeApp:
         if len(rest) >= 2 and (rest[-1].endswith(CONDA_EXTENSIONS) or is_distribution(rest[-1])):
             ctx.route = "artifact"
             expected = _expected_header(request)
-            return await self._artifact(request, ctx, url, expected, head)
+            record = None
+            if expected is None:
+                expected, record = await self._vouched_digest(head, rest, url)
+            return await self._artifact(
+                request, ctx, url, expected, head, by_url=True, record=record
+            )
         if upstream.kind == "pypi":
             project = project_of(rest)
             if project is None:
@@ -400,17 +418,47 @@ class ServeApp:
                     f"x-expected-sha256 differs from the pinned digest of pixi {version} {archive}",
                 )
             expected = pin_sha
+        if expected is None:
+            raise HTTPProblem(
+                404,
+                f"pixi {version} {archive} is not pinned here and the request names no "
+                "digest (x-expected-sha256): nothing says what its bytes must be, so it is "
+                "not fetched; add a pin (`pixicache pixi pins`) or send the digest",
+            )
         return await self._artifact(request, ctx, url, expected, "pixi")
 
     async def _artifact(
-        self, request: web.BaseRequest, ctx: _Ctx, url: str, expected: str | None, upstream: str
+        self,
+        request: web.BaseRequest,
+        ctx: _Ctx,
+        url: str,
+        expected: str | None,
+        upstream: str,
+        *,
+        by_url: bool = False,
+        record: Record | None = None,
     ) -> web.StreamResponse:
+        """Serve the artifact at upstream ``url`` (a hit, or a fill verified against
+        ``expected``). ``by_url``: a channel path, whose answer the URL alone decides:
+        the blob the index maps it to; a client's ``x-expected-sha256`` that disagrees is
+        a 409, and one the index cannot confirm makes a fill, never a hit."""
         warm = _is_warm(request)
         if warm:
             self._require_token(request, admin=False)
         if expected is None:  # a PyPI file: the digest its index page gave, if one did
             expected = self.pypi.expected_sha256(url)
-        sha = expected or self._lookup_url(url)
+        if by_url:
+            known = await self._known_sha(url, upstream)
+            if expected is not None and known is not None and known != expected:
+                self.metrics.refused.labels("digest_conflict").inc()
+                raise HTTPProblem(
+                    409,
+                    f"x-expected-sha256 {expected} is not what this mirror holds for {url} "
+                    f"({known}): check the lock, or the channel changed the file",
+                )
+            sha = known
+        else:
+            sha = expected or self._lookup_url(url)
         if sha is not None and self.store.has(sha):
             resp = await self._serve_hit(request, ctx, sha, url, warm=warm)
             if resp is not None:
@@ -424,12 +472,73 @@ class ServeApp:
             if full:
                 self.metrics.refused.labels("store_full").inc()
                 raise HTTPProblem(507, full)
-            fill = self.fills.start(url, expected, upstream)
+            fill = self.fills.start(
+                url, expected, upstream,
+                by_url=self.upstreams.variants(url, upstream) if by_url else None,
+                limit=_size_limit(request, self.config.max_artifact_size),
+                size=record.size if record else None,
+                md5=record.md5 if record and not record.sha256 else None,
+            )  # fmt: skip
             ctx.cache = "miss"
         else:
             ctx.cache = "coalesced"
         self.metrics.cache.labels(ctx.cache).inc()
         return await self._serve_fill(request, ctx, fill, expected, warm)
+
+    async def _vouched_digest(
+        self, upstream: str, rest: list[str], url: str
+    ) -> tuple[str | None, Record | None]:
+        """For a request without ``x-expected-sha256``: the digest something else vouches
+        for. A URL this mirror filled (verified) before; a PyPI file's index page; a
+        conda package's record in its channel's ``repodata.json``. Nothing: an
+        :class:`HTTPProblem` (a fill nothing can verify is never made)."""
+        known = await self._known_sha(url, upstream)
+        if known is not None and self.store.has(known):
+            return known, None
+        if is_distribution(rest[-1]) and not rest[-1].endswith(CONDA_EXTENSIONS):
+            learned = self.pypi.expected_sha256(url) or await self._learn_pypi(rest[-1], url)
+            if learned is None:
+                raise HTTPProblem(
+                    404,
+                    f"{rest[-1]} was asked for without x-expected-sha256 and no index page of "
+                    "this mirror lists it with a digest: nothing says what its bytes must be, "
+                    "so it is not fetched",
+                )
+            return learned, None
+        rec = await self.records.record(
+            upstream, rest, self.upstreams.channel_url(upstream, [*rest[:-1], "repodata.json"]) or ""
+        )
+        return rec.sha256, rec
+
+    async def _learn_pypi(self, filename: str, url: str) -> str | None:
+        """Read the project page of ``filename`` on each PyPI upstream, for its digest."""
+        from pixicache.store.view import project_of_file
+
+        project = project_of_file(filename)
+        for up in self.config.upstreams:
+            if up.kind != "pypi":
+                continue
+            with contextlib.suppress(HTTPProblem):
+                await self.pypi.page(up.name, up.url, project)
+            found = self.pypi.expected_sha256(url)
+            if found is not None:
+                return found
+        return None
+
+    async def _known_sha(self, url: str, upstream: str) -> str | None:
+        """The digest the index maps ``url`` to, also under the upstream's aliases (an
+        agent on this node records the lock's URL, e.g. conda-forge's public one)."""
+        sha = self._url_index.get(url)
+        if sha is not None:
+            return sha
+        for candidate in self.upstreams.variants(url, upstream):
+            sha = await self._in_thread(self.store.lookup_url, candidate)
+            if sha is not None:
+                if len(self._url_index) > 100_000:
+                    self._url_index.clear()
+                self._url_index[url] = sha
+                return sha
+        return None
 
     def _lookup_url(self, url: str) -> str | None:
         sha = self._url_index.get(url)
@@ -444,10 +553,21 @@ class ServeApp:
     async def _serve_hit(
         self, request: web.BaseRequest, ctx: _Ctx, sha: str, url: str | None, *, warm: bool = False
     ) -> web.StreamResponse | None:
-        """Send a committed blob (``None`` if it vanished meanwhile: evicted)."""
+        """Send a committed blob (``None``: it vanished meanwhile (evicted), or it is not
+        the digest's bytes any more, or something else stands at its path: a miss)."""
         try:
-            fd = os.open(self.store.path_for(sha), os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_leaf(self.store.path_for(sha))
         except FileNotFoundError:
+            self._url_index.pop(url or "", None)
+            return None
+        except NotRegular as exc:  # a planted link or special file: never followed
+            log.error("%s; quarantined, not served", exc)
+            self.metrics.refused.labels("bad_blob").inc()
+            with contextlib.suppress(Exception):
+                await self._in_thread(self.store.verify, [sha])
+            return None
+        if not await self.trust.sendable(sha, fd):
+            os.close(fd)
             self._url_index.pop(url or "", None)
             return None
         pin = FileLock(
@@ -783,7 +903,7 @@ class ServeApp:
     def _require_token(self, request: web.BaseRequest, *, admin: bool) -> None:
         token = self.config.token
         if token is None:
-            if admin and not _is_loopback(request.remote):
+            if admin and not self._is_local(request):
                 raise HTTPProblem(
                     403, "admin endpoints need --token (PIXICACHE_SERVE_TOKEN) off loopback"
                 )
@@ -798,6 +918,17 @@ class ServeApp:
                 "a valid 'Authorization: Bearer <token>' is required",
                 {"WWW-Authenticate": "Bearer"},
             )
+
+    def _is_local(self, request: web.BaseRequest) -> bool:
+        """A request from this host itself: the client the server reports (the one behind
+        a trusted proxy, from ``X-Forwarded-For``) is loopback; a request a trusted proxy
+        forwards without saying for whom is not local."""
+        peer = request.remote
+        forwarded = request.headers.get("X-Forwarded-For")
+        if not forwarded and is_trusted_proxy(peer, self._trusted_proxies):
+            return False
+        client = client_address(peer, forwarded, self._trusted_proxies)
+        return _is_loopback(client) and _is_loopback(peer)
 
     async def _admin(
         self, request: web.BaseRequest, segments: list[str], query: str
@@ -843,6 +974,15 @@ def _expected_header(request: web.BaseRequest) -> str | None:
     if not is_sha256(value):
         raise HTTPProblem(400, "x-expected-sha256 must be 64 hex digits")
     return value
+
+
+def _size_limit(request: web.BaseRequest, default: int) -> int:
+    """The most bytes a fill's body may have: the size a pixicache client says the lock
+    records (``x-pixicache-expected-size``), else the configured maximum."""
+    value = request.headers.get("x-pixicache-expected-size", "")
+    if value.isdigit() and len(value) <= 18:
+        return min(int(value), default)
+    return default
 
 
 def _is_warm(request: web.BaseRequest) -> bool:

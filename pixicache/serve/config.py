@@ -58,6 +58,12 @@ WELL_KNOWN_UPSTREAMS: dict[str, str] = {
 }
 """The upstreams a serve has when none is configured, by name."""
 
+WELL_KNOWN_REDIRECTS: dict[str, tuple[str, ...]] = {
+    # GitHub answers a release download with a redirect to its object store
+    "pixi": ("objects.githubusercontent.com", "release-assets.githubusercontent.com"),
+}
+"""Where the well-known upstreams redirect to (kept only with their default URL)."""
+
 RESERVED_NAMES = frozenset({"sha256", "healthz", "metrics", "admin", "favicon.ico"})
 """First path components the server routes itself: no upstream may be called so."""
 
@@ -85,16 +91,25 @@ class Upstream:
         aliases: public URL prefixes this upstream stands in for (see the module doc).
         kind: ``conda`` (a channel, or any host of immutable files) or ``pypi`` (a
             PEP 503/691 simple index: ``/{name}/{project}/`` are its project pages).
+        redirects: hosts (``host`` or ``host:port``) a redirect from this upstream may
+            go to, besides URLs under an upstream (GitHub's release downloads redirect).
     """
 
     name: str
     url: str
     aliases: tuple[str, ...] = ()
     kind: str = "conda"
+    redirects: tuple[str, ...] = ()  # hosts a redirect of this upstream may lead to
 
     @classmethod
     def make(
-        cls, name: str, url: str, aliases: Iterable[str] = (), origin: str = "", kind: str | None = None
+        cls,
+        name: str,
+        url: str,
+        aliases: Iterable[str] = (),
+        origin: str = "",
+        kind: str | None = None,
+        redirects: Iterable[str] = (),
     ) -> Upstream:
         """Validate and build an upstream; raises :class:`ConfigError`.
 
@@ -117,7 +132,11 @@ class Upstream:
         known = WELL_KNOWN_UPSTREAMS.get(name)
         if known and known != url and known not in alias_list:
             alias_list.append(known)
-        return cls(name, url, tuple(alias_list), kind)
+        hosts = [h.strip().lower() for h in redirects]
+        if any(not re.match(r"^[a-z0-9.-]+(:[0-9]{1,5})?$", h) for h in hosts):
+            raise ConfigError(f"{where}: redirects must be host names (host or host:port)")
+        hosts += [h for h in WELL_KNOWN_REDIRECTS.get(name, ()) if h not in hosts and known == url]
+        return cls(name, url, tuple(alias_list), kind, tuple(hosts))
 
     @classmethod
     def parse(cls, spec: str) -> Upstream:
@@ -194,6 +213,7 @@ class ServeConfig:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 60.0
     upstream_connections: int = 64
+    max_artifact_size: int = 64 << 30  # a body of unknown size is cut off beyond this
     shutdown_timeout: float = 30.0
     max_path: int = 1024
     max_header_size: int = 8190
@@ -214,6 +234,12 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.per_client < 0:
             raise ConfigError("per_client must be >= 0 (0: no cap)")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError(
+                "the admin token is empty (--token, token, token_file or "
+                "PIXICACHE_SERVE_TOKEN): an empty token would let anyone in; give a real one "
+                "(e.g. `openssl rand -hex 32`) or none (admin then from loopback only)"
+            )
         for net in self.trusted_proxies:
             try:
                 ipaddress.ip_network(net, strict=False)
@@ -259,9 +285,13 @@ def _upstreams_from_table(table: Any, origin: str) -> list[Upstream]:
             kind = value.get("kind")
             if kind is not None and not isinstance(kind, str):
                 raise ConfigError(f"{origin}: upstream {name}: kind must be 'conda' or 'pypi'")
+            redirects = value.get("redirects", [])
+            if not isinstance(redirects, list) or not all(isinstance(r, str) for r in redirects):
+                raise ConfigError(f"{origin}: upstream {name}: redirects must be a list of hosts")
             out.append(
                 Upstream.make(
-                    str(name), value["url"], aliases, origin=f"{origin}: upstream {name}", kind=kind
+                    str(name), value["url"], aliases, origin=f"{origin}: upstream {name}",
+                    kind=kind, redirects=redirects,
                 )
             )
         else:

@@ -38,6 +38,7 @@ import aiohttp
 
 from pixicache.errors import StoreError, StoreFull
 from pixicache.httputil import content_range_start
+from pixicache.serve.fetching import UpstreamRefused, upstream_get
 from pixicache.serve.metrics import Metrics
 from pixicache.serve.writer import FillWriter, fill_lock
 from pixicache.store import Store
@@ -86,13 +87,23 @@ class Fill:
     blob while this fill waited for the lock (waiters serve it as a hit).
     """
 
-    def __init__(self, url: str, expected: str | None, upstream: str) -> None:
+    def __init__(
+        self, url: str, expected: str | None, upstream: str, *, by_url: list[str] | None = None
+    ) -> None:
         self.url = url
         self.expected = expected
         self.upstream = upstream
+        # a channel-path request: the blob of ``expected`` stands for ``url`` only if the
+        # index maps the URL (or one of these variants: its aliases) to it; else
+        # upstream's bytes for the URL are fetched and must have that digest (a client's
+        # header never decides what a URL holds)
+        self.by_url = by_url
         self.key = fill_key(url, expected)
         self.state = "waiting"
         self.total: int | None = None  # full size, when upstream announced it
+        self.limit: int | None = None  # the most bytes the body may have (a known size)
+        self.size: int | None = None  # the exact size the body must have, when known
+        self.md5: str | None = None  # the MD5 it must have (a channel that pins no SHA-256)
         self.offset = 0  # bytes readable in the partial file
         self.digest: str | None = None
         self.error: FillFailed | None = None
@@ -196,6 +207,8 @@ class FillManager:
             contended store lock is waited for in a pool of its own.
         session: returns the aiohttp client session for upstream requests.
         on_commit: called on the loop with (digest, size) after each commit.
+        may_redirect: ``(upstream name, URL)`` → whether a redirect may be followed
+            there (:func:`pixicache.serve.fetching.upstream_get`); default: never.
     """
 
     def __init__(
@@ -205,8 +218,10 @@ class FillManager:
         executor: Executor,
         session: Callable[[], aiohttp.ClientSession],
         on_commit: Callable[[str, int], None] | None = None,
+        may_redirect: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.store = store
+        self.may_redirect = may_redirect or (lambda _upstream, _url: False)
         self.metrics = metrics
         self.executor = executor
         self._session = session
@@ -269,9 +284,23 @@ class FillManager:
             return self.full_message
         return None
 
-    def start(self, url: str, expected: str | None, upstream: str) -> Fill:
-        """Start filling (``url``, ``expected``) in a task of its own."""
-        fill = Fill(url, expected, upstream)
+    def start(
+        self,
+        url: str,
+        expected: str | None,
+        upstream: str,
+        *,
+        by_url: list[str] | None = None,
+        limit: int | None = None,
+        size: int | None = None,
+        md5: str | None = None,
+    ) -> Fill:
+        """Start filling (``url``, ``expected``) in a task of its own (``by_url``: see
+        :class:`Fill`; ``limit``: the most bytes its body may have; ``size``, ``md5``:
+        what the channel's record says the body is)."""
+        fill = Fill(url, expected, upstream, by_url=by_url)
+        fill.limit = min(limit, size) if (limit is not None and size is not None) else (size or limit)
+        fill.size, fill.md5 = size, md5
         self._fills[fill.key] = fill
         self._by_url[url] = fill
         if self._idle is not None:
@@ -338,30 +367,61 @@ class FillManager:
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    def _bad_bytes(self, what: str) -> FillFailed:
+        """The failure of a body that is not what it must be (counted as ``digest``)."""
+        self.metrics.upstream_errors.labels("digest").inc()
+        return FillFailed(
+            502, f"{what}: the bytes were discarded and nothing was stored", reason="digest"
+        )
+
+    def _check_record(self, fill: Fill, writer: FillWriter) -> None:
+        """The size and MD5 the channel's record gives (when the fill has them)."""
+        if fill.size is not None and writer.offset != fill.size:
+            raise self._bad_bytes(
+                f"upstream sent {writer.offset} bytes for {fill.url}, the channel's record "
+                f"says {fill.size}"
+            )
+        got = writer.md5_hexdigest()
+        if fill.md5 is not None and got != fill.md5:
+            raise self._bad_bytes(
+                f"upstream sent {fill.url} with MD5 {got}, the channel's record says {fill.md5}"
+            )
+
+    def _maps_to(self, fill: Fill) -> bool:
+        assert fill.by_url is not None
+        return any(self.store.lookup_url(u) == fill.expected for u in fill.by_url)
+
     async def _run(self, fill: Fill) -> None:
         lock = fill_lock(self.store, fill.expected, fill.url)
         writer: FillWriter | None = None
         try:
             await self._take(lock)
-            if fill.expected and self.store.has(fill.expected):
+            if (
+                fill.expected
+                and self.store.has(fill.expected)
+                and (fill.by_url is None or await self._in_thread(self._maps_to, fill))
+            ):
                 fill.blob_path = self.store.path_for(fill.expected)
                 fill.digest = fill.expected
                 fill._set_state("present")
                 return
             writer = await self._in_thread(FillWriter, self.store, fill.url, fill.expected)
+            if fill.md5 is not None:
+                writer.want_md5()
             await self._download(fill, writer)
             digest = writer.hexdigest()
+            self._check_record(fill, writer)
             if fill.expected and digest != fill.expected:
-                self.metrics.upstream_errors.labels("digest").inc()
-                raise FillFailed(
-                    502,
-                    f"upstream sent {fill.url} with SHA-256 {digest}, expected {fill.expected}: "
-                    "the bytes were discarded and nothing was stored",
-                    reason="digest",
+                raise self._bad_bytes(
+                    f"upstream sent {fill.url} with SHA-256 {digest}, expected {fill.expected}"
                 )
             fill.digest = digest
             fill._set_state("verified")
+            size = writer.offset
             fill.blob_path = await self._in_thread(writer.commit, digest)
+            if fill.md5 is not None:  # so an agent with an md5-only lock entry finds it
+                with contextlib.suppress(StoreError):
+                    await self._in_thread(self.store.index.record_md5, fill.md5, size, digest)
             writer = None
             fill._set_state("committed")
             self._bad.pop(fill.key, None)
@@ -406,6 +466,9 @@ class FillManager:
             return FillFailed(507, self.full_message, reason="store_full")
         if isinstance(exc, StoreError):
             return FillFailed(503, f"the mirror's store cannot be written: {exc}", reason="store")
+        if isinstance(exc, UpstreamRefused):
+            self.metrics.upstream_errors.labels(exc.reason).inc()
+            return FillFailed(502, str(exc), reason=exc.reason)
         if isinstance(exc, asyncio.TimeoutError):
             self.metrics.upstream_errors.labels("timeout").inc()
             return FillFailed(
@@ -482,13 +545,16 @@ class FillManager:
             if writer.offset:
                 req_headers["Range"] = f"bytes={writer.offset}-"
             self.metrics.upstream_requests.labels(fill.upstream, "artifact").inc()
-            async with self._session().get(fill.url, headers=req_headers) as resp:
+            follow = lambda target: self.may_redirect(fill.upstream, target)  # noqa: E731
+            async with upstream_get(self._session(), fill.url, req_headers, follow) as resp:
                 if not await self._accept(fill, writer, resp):
                     continue
                 length = resp.content_length
                 if resp.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     length = None
                 fill.total = writer.offset + length if length is not None else None
+                if fill.total is not None:  # announced longer than it can be: not even started
+                    self._check_limit(fill, fill.total)
                 if length is not None:
                     self._check_space(length)
                 self._start_streaming(fill, writer)
@@ -547,6 +613,17 @@ class FillManager:
         fill.offset = writer.offset
         fill._set_state("streaming")
 
+    def _check_limit(self, fill: Fill, received: int) -> None:
+        """Refuse a body longer than the size the fill knows it has."""
+        if fill.limit is not None and received > fill.limit:
+            self.metrics.upstream_errors.labels("oversize").inc()
+            raise FillFailed(
+                502,
+                f"upstream's body for {fill.url} is longer than the {fill.limit} bytes it has: "
+                "refused, nothing stored",
+                reason="oversize",
+            )
+
     async def _pump(self, fill: Fill, writer: FillWriter, resp: aiohttp.ClientResponse) -> None:
         """Copy the body into the partial file while reading the next bytes.
 
@@ -572,14 +649,6 @@ class FillManager:
             if self.buffered < BUFFER_BUDGET // 2:
                 self._budget().set()
 
-        def lane_done(name: str, size: int) -> None:
-            waiting[name] -= size
-            rebalance()
-
-        def advanced(chunks: list[bytes], offset: int) -> None:
-            fill.offset = max(fill.offset, offset)
-            fill._notify()
-
         async def lane(
             name: str, queue: asyncio.Queue[bytes | None], work: Callable[[list[bytes]], Any]
         ) -> None:
@@ -597,10 +666,12 @@ class FillManager:
                     chunks.append(nxt)
                 result = await loop.run_in_executor(self.executor, work, chunks)
                 size = sum(len(c) for c in chunks)
-                if name == "write":
+                if name == "write":  # the bytes are readable: wake the waiters
                     self.metrics.upstream_bytes.inc(size)
-                    advanced(chunks, result)
-                lane_done(name, size)
+                    fill.offset = max(fill.offset, result)
+                    fill._notify()
+                waiting[name] -= size
+                rebalance()
 
         write_q: asyncio.Queue[bytes | None] = asyncio.Queue()
         hash_q: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -611,6 +682,7 @@ class FillManager:
         for task in lanes:
             task.add_done_callback(lambda _t: room.set())
         content = resp.content
+        received = writer.offset
         try:
             while True:
                 for task in lanes:
@@ -620,6 +692,8 @@ class FillManager:
                 chunk = await content.readany()
                 if not chunk:
                     break
+                received += len(chunk)
+                self._check_limit(fill, received)
                 waiting["write"] += len(chunk)
                 waiting["hash"] += len(chunk)
                 rebalance()

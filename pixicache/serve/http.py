@@ -176,6 +176,11 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def is_trusted_proxy(remote: str | None, trusted: Networks) -> bool:
+    """Whether the peer ``remote`` is one of the ``trusted`` proxies."""
+    return _trusted(_ip(remote or ""), trusted)
+
+
 def _trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, trusted: Networks) -> bool:
     return ip is not None and any(ip in net for net in trusted)
 

@@ -22,7 +22,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
@@ -31,6 +33,7 @@ from typing import Any
 
 import aiohttp
 
+from pixicache.serve.fetching import UpstreamRefused, upstream_get
 from pixicache.serve.fill import USER_AGENT
 from pixicache.serve.http import HTTPProblem
 from pixicache.serve.metrics import Metrics
@@ -57,21 +60,49 @@ METADATA_FILES = frozenset(
 _WRITE_BATCH = 1 << 20
 
 
+KNOWN_SUBDIRS = frozenset(
+    {
+        "noarch", "linux-32", "linux-64", "linux-aarch64", "linux-armv6l", "linux-armv7l",
+        "linux-ppc64", "linux-ppc64le", "linux-riscv64", "linux-s390x", "osx-64", "osx-arm64",
+        "win-32", "win-64", "win-arm64", "freebsd-64", "emscripten-wasm32", "wasi-wasm32",
+        "zos-z",
+    }
+)  # fmt: skip
+"""The channel subdirs (conda's list): metadata is served only from one of these."""
+
+_SHARD_RE = re.compile(r"^[0-9a-f]{64}\.msgpack\.zst$")
+_FILE_LIKE = (".json", ".zst", ".bz2", ".gz", ".jlap", ".conda", ".msgpack", ".whl", ".html")
+
+
 def is_metadata(rest: Sequence[str]) -> bool:
-    """Whether ``/{upstream}/{rest...}`` names channel metadata (vs. a package or nothing)."""
+    """Whether ``/{upstream}/{rest...}`` names channel metadata (vs. a package or nothing):
+    ``channeldata.json``, ``[<label path>/]<subdir>/<metadata file>`` or
+    ``.../<subdir>/shards/<sha256>.msgpack.zst``, ``<subdir>`` one of
+    :data:`KNOWN_SUBDIRS`. No directory of such a path may look like a file
+    (``linux-64/repodata.json/repodata.json`` is nothing): a request can never make a
+    directory where a real file must go."""
     if not rest:
         return False
     name = rest[-1]
     if len(rest) == 1:
         return name == "channeldata.json"
+    if any(seg.endswith(_FILE_LIKE) or seg in METADATA_FILES for seg in rest[:-1]):
+        return False
     if name in METADATA_FILES:
-        return True
-    return len(rest) >= 3 and rest[-2] == "shards" and name.endswith(".msgpack.zst")
+        return rest[-2] in KNOWN_SUBDIRS
+    return (
+        len(rest) >= 3 and rest[-2] == "shards" and rest[-3] in KNOWN_SUBDIRS
+        and bool(_SHARD_RE.match(name))
+    )  # fmt: skip
 
 
 def is_immutable(rest: Sequence[str]) -> bool:
     """Shards are content-addressed: cached without revalidation."""
     return len(rest) >= 3 and rest[-2] == "shards"
+
+
+NEGATIVE_ENTRIES = 10_000
+"""How many "upstream has no such file" answers are remembered (in memory, for the TTL)."""
 
 
 @dataclass
@@ -105,13 +136,20 @@ class RepodataCache:
         metrics: Metrics,
         executor: Executor,
         ttl: float,
+        may_redirect: Callable[[str, str], bool] | None = None,
+        make_dir: Callable[[Path], Any] | None = None,
     ) -> None:
+        self.may_redirect = may_redirect or (lambda _upstream, _url: False)
+        self._make_dir = make_dir or (lambda p: p.mkdir(parents=True, exist_ok=True))
         self.root = root
         self._session = session
         self.metrics = metrics
         self.executor = executor
         self.ttl = ttl
         self._flights: dict[str, asyncio.Future[tuple[MetaEntry, str]]] = {}
+        # path -> the 404 upstream gave: kept in memory only (bounded, for the TTL), so
+        # that requests for files nobody has never create files or directories here
+        self._missing: OrderedDict[str, MetaEntry] = OrderedDict()
 
     def path_for(self, upstream: str, rest: Sequence[str]) -> Path:
         return self.root.joinpath(upstream, *rest)
@@ -130,6 +168,11 @@ class RepodataCache:
         Raises :class:`HTTPProblem` (502/504) if upstream fails and nothing is cached.
         """
         path = self.path_for(upstream, rest)
+        missing = self._missing.get(str(path))
+        if missing is not None:
+            if time.time() - missing.fetched < self.ttl:
+                return missing, path, "cached"
+            del self._missing[str(path)]
         entry = _read_meta(path)
         fresh_for = float("inf") if is_immutable(rest) else self.ttl
         if (
@@ -162,15 +205,18 @@ class RepodataCache:
                 headers["If-Modified-Since"] = entry.last_modified
         self.metrics.upstream_requests.labels(upstream, "metadata").inc()
         try:
-            async with self._session().get(url, headers=headers) as resp:
+            follow = lambda target: self.may_redirect(upstream, target)  # noqa: E731
+            async with upstream_get(self._session(), url, headers, follow) as resp:
                 if resp.status == 304 and have_file and entry is not None:
                     entry.fetched = time.time()
                     _write_meta(path, entry)
                     return entry, "revalidated"
                 if resp.status in (404, 410):
                     new = MetaEntry(url=url, status=404, fetched=time.time())
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    _write_meta(path, new)
+                    self._missing[str(path)] = new
+                    self._missing.move_to_end(str(path))
+                    while len(self._missing) > NEGATIVE_ENTRIES:
+                        self._missing.popitem(last=False)
                     return new, "fetched"
                 if resp.status != 200:
                     self.metrics.upstream_errors.labels("status").inc()
@@ -187,8 +233,12 @@ class RepodataCache:
                 )
                 _write_meta(path, new)
                 return new, "fetched"
-        except (aiohttp.ClientError, asyncio.TimeoutError, _UpstreamStatus, ConnectionError) as exc:
-            if not isinstance(exc, _UpstreamStatus):
+        except (
+            aiohttp.ClientError, asyncio.TimeoutError, _UpstreamStatus, ConnectionError, UpstreamRefused,
+        ) as exc:  # fmt: skip
+            if isinstance(exc, UpstreamRefused):
+                self.metrics.upstream_errors.labels(exc.reason).inc()
+            elif not isinstance(exc, _UpstreamStatus):
                 reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection"
                 self.metrics.upstream_errors.labels(reason).inc()
             if have_file and entry is not None:
@@ -205,7 +255,7 @@ class RepodataCache:
 
     async def _store_body(self, resp: aiohttp.ClientResponse, path: Path) -> int:
         loop = asyncio.get_running_loop()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dir(path.parent)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(resp):x}.tmp")
         fh = await loop.run_in_executor(self.executor, open, tmp, "wb")
         size = 0

@@ -35,6 +35,8 @@ from pixicache.serve.config import ServeConfig
 from pixicache.serve.metrics import Metrics
 from pixicache.store import Store
 
+access_log = logging.getLogger("pixicache.serve.access")
+
 log = logging.getLogger("pixicache.serve")
 
 _BUSY_BODY = b"too many connections; retry later\n"
@@ -47,6 +49,33 @@ _BUSY = (
 )
 
 
+class _QuietHandler(RequestHandler):
+    """aiohttp's connection handler, answering a request its parser rejects with a short
+    plain 400 (never echoing the request's bytes back) and one access-log line, not a
+    multi-line traceback; the ``refused{reason="bad_request"}`` metric counts them."""
+
+    metrics: Metrics | None = None
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        what = type(exc).__name__ if exc is not None else "bad request"
+        first = str(getattr(exc, "message", "") or "").strip().splitlines()
+        detail = "".join(c if c.isprintable() else "?" for c in (first[0] if first else ""))[:80]
+        access_log.info("%s - - %d %s: %s", request.remote, status, what, detail)
+        if self.metrics is not None:
+            self.metrics.refused.labels("bad_request").inc()
+        resp = web.Response(status=status, text=f"{status} bad request\n")
+        resp.force_close()
+        return resp
+
+
 class _LimitedServer(web.Server):
     """aiohttp's low-level server with a bound on open connections."""
 
@@ -56,6 +85,11 @@ class _LimitedServer(web.Server):
         super().__init__(handler, **kwargs)
         self.max_connections = max_connections
         self._metrics = metrics
+
+    def __call__(self) -> RequestHandler:
+        proto = _QuietHandler(self, loop=self._loop, **self._kwargs)
+        proto.metrics = self._metrics
+        return proto
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

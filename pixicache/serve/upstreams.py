@@ -56,6 +56,35 @@ class UpstreamMap:
             return None
         return f"{up.url}/v{quote(version)}/{quote(archive)}"
 
+    def may_redirect(self, name: str, target: str) -> bool:
+        """Whether a redirect from upstream ``name`` may be followed to ``target``: a URL
+        that passes :meth:`resolve`, or one on a host the upstream lists in ``redirects``
+        (over https, without credentials)."""
+        if self.resolve(target) is not None:
+            return True
+        up = self._by_name.get(name)
+        if up is None or not up.redirects:
+            return False
+        try:
+            parts = urlsplit(target)
+            port = parts.port
+        except ValueError:
+            return False
+        if parts.scheme != "https" or parts.username or parts.password or not parts.hostname:
+            return False
+        host = parts.hostname.lower() + (f":{port}" if port not in (None, 443) else "")
+        return host in up.redirects
+
+    def variants(self, url: str, name: str) -> list[str]:
+        """``url`` (under upstream ``name``), then the same path under each of its
+        aliases: the URLs a store may have recorded for the same file."""
+        up = self._by_name.get(name)
+        out = [url]
+        if up is not None and url.startswith(up.url + "/"):
+            rest = url[len(up.url) :]
+            out += [alias + rest for alias in up.aliases]
+        return out
+
     def mirror_path(self, url: str) -> str | None:
         """The root-relative path at which this mirror serves the upstream URL ``url``
         (``/{name}/{rest}``), or ``None`` when ``url`` is under no upstream."""

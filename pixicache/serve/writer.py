@@ -26,6 +26,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pixicache.errors import StoreFull
 from pixicache.model.artifact import is_sha256
@@ -88,6 +89,7 @@ class FillWriter:
         name = expected if expected is not None else url_key(url)
         self.partial_path: Path = store.partial_path(name)
         self._hash = hashlib.sha256()
+        self._md5: Any = None  # hashed too when a fill is verified by MD5 (want_md5)
         self.offset = 0
         self._fd: int | None = None
         try:
@@ -145,10 +147,20 @@ class FillWriter:
         self.offset = pos
         return pos
 
+    def want_md5(self) -> None:
+        """Also compute the MD5 (a package the channel pins by MD5 alone); call before
+        the first byte (an unknown-digest fill never resumes)."""
+        self._md5 = hashlib.md5()
+
+    def md5_hexdigest(self) -> str | None:
+        return None if self._md5 is None else self._md5.hexdigest()
+
     def hash_chunks(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
         """Feed ``chunks`` (the ones given to :meth:`append`, in order) to the digest."""
         for chunk in chunks:
             self._hash.update(chunk)
+            if self._md5 is not None:
+                self._md5.update(chunk)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append and hash ``data``; raises :class:`StoreFull` on ENOSPC/EDQUOT."""
@@ -160,6 +172,8 @@ class FillWriter:
         """Forget the bytes so far (upstream ignored a Range request)."""
         os.ftruncate(self.fd, 0)
         self._hash = hashlib.sha256()
+        if self._md5 is not None:
+            self._md5 = hashlib.md5()
         self.offset = self.resumed_from = 0
 
     def hexdigest(self) -> str:

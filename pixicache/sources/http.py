@@ -202,8 +202,16 @@ class MirrorSource:
     def fetch(self, artifact: Artifact, writer: BlobWriter, ctx: FetchContext) -> None:
         url = self.location(artifact)
         assert url is not None
-        headers = {"x-expected-sha256": artifact.sha256} if artifact.sha256 else {}
-        stream_http(ctx, url, writer, headers)
+        stream_http(ctx, url, writer, _expect_headers(artifact))
+
+
+def _expect_headers(artifact: Artifact) -> dict[str, str]:
+    """What a pixicache mirror is told about the artifact: its digest (rattler sends it
+    too) and its size, so a fill stops at that many bytes."""
+    headers = {"x-expected-sha256": artifact.sha256} if artifact.sha256 else {}
+    if artifact.size is not None:
+        headers["x-pixicache-expected-size"] = str(artifact.size)
+    return headers
 
 
 class DigestSource:

@@ -50,14 +50,18 @@ from pixicache.store.files import (
     PRIVATE_DIR_MODE,
     SHARED_DIR_MODE,
     SHARED_FILE_MODE,
+    SHARED_TOP_DIR_MODE,
     NotRegular,
     check_private,
     create_exclusive,
     describe,
+    file_identity,
     is_shared_dir,
     make_dir,
+    open_leaf,
     open_regular,
     publish_new,
+    sticky_if_mine,
 )
 from pixicache.store.index import Index
 from pixicache.store.locking import FileLock, LockTimeout
@@ -100,6 +104,7 @@ class VerifyReport:
     checked: int = 0
     bytes: int = 0
     bad: list[tuple[str, str]] = field(default_factory=list)  # (sha256, reason)
+    due: int = 0  # how many blobs this pass set out to hash (after max_age / sample)
 
 
 @dataclass
@@ -153,6 +158,8 @@ class Store:
         self.shared = is_shared_dir(st) if shared is None else shared
         self.blob_mode = BLOB_MODE  # blobs are immutable; readable by every user of the node
         self.dir_mode = SHARED_DIR_MODE if self.shared else 0o777 & ~_umask()
+        # sha256/, locks/, quarantine/: sticky when shared (see pixicache.store.files)
+        self.top_dir_mode = SHARED_TOP_DIR_MODE if self.shared else self.dir_mode
         self.file_mode = SHARED_FILE_MODE if self.shared else 0o666 & ~_umask()
         self.blob_dir = self.root / "sha256"
         self.lock_dir = self.root / "locks"
@@ -163,11 +170,21 @@ class Store:
         self.partial_dir = self.user_dir / "partial"
         self.package_cache = self.user_dir / "pkgs"
         self.index = Index(
-            self.index_path, prepare=self._prepare_index, journal="DELETE" if self.shared else "WAL"
+            self.index_path, prepare=self._prepare_index, journal="PERSIST" if self.shared else "WAL"
         )
+        fresh = not os.path.lexists(self.blob_dir)
         for d in (self.blob_dir, self.lock_dir, self.quarantine_dir):
             with contextlib.suppress(OSError):  # a reader may not create them: fine until it writes
-                make_dir(d, self.dir_mode, stop=self.root)
+                make_dir(d, self.top_dir_mode, stop=self.root)
+                if self.shared:
+                    sticky_if_mine(d)
+        if fresh and self.shared:
+            # every fan-out directory at once, with the store's mode: no member can make
+            # one first with a mode of its own (nor a link), and the sticky sha256/ keeps
+            # them in place
+            with contextlib.suppress(OSError):
+                for i in range(256):
+                    make_dir(self.blob_dir / f"{i:02x}", self.dir_mode, stop=self.root)
         with contextlib.suppress(OSError):
             self.private_dir(self.partial_dir)
 
@@ -177,6 +194,9 @@ class Store:
         -shm files the same mode) and set it up, once, under the index lock."""
         with contextlib.suppress(FileExistsError, PermissionError):
             publish_new(self.index_path, self.file_mode)
+        if self.shared:  # the rollback journal exists for good, made by us (see Index)
+            with contextlib.suppress(FileExistsError, PermissionError):
+                publish_new(self.index.journal_path, self.file_mode)
         with FileLock(self.lock_dir / "index.lock", mode=self.file_mode):
             self.index.create()
 
@@ -312,11 +332,15 @@ class Store:
     def has(self, sha256: str, size: int | None = None) -> bool:
         """True if the blob is present as a regular file (of ``size`` bytes, when given).
 
-        A link or special file at a blob's path is not a blob (see :meth:`check`).
+        A link or special file at a blob's path is not a blob (see :meth:`check`), and
+        nor is anything below a fan-out directory that is a link.
         """
+        path = self.path_for(sha256)
         try:
-            st = os.lstat(self.path_for(sha256))
-        except FileNotFoundError:
+            if not stat.S_ISDIR(os.lstat(path.parent).st_mode):
+                return False
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
             return False
         return stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size)
 
@@ -341,7 +365,7 @@ class Store:
             NotRegular: a link or special file stands there, or the size is wrong.
         """
         path = self.path_for(sha256)
-        fd = open_regular(path)
+        fd = open_leaf(path)
         have = os.fstat(fd).st_size
         if size is not None and have != size:
             os.close(fd)
@@ -422,14 +446,29 @@ class Store:
 
         return StoreInfo(self.root, blobs, total, len(parts), sum(parts), quarantined, urls)
 
-    def verify(self, digests: Iterable[str] | None = None, *, wait: float = 0) -> VerifyReport:
+    def verify(
+        self,
+        digests: Iterable[str] | None = None,
+        *,
+        wait: float = 0,
+        max_age: float | None = None,
+        sample: float | None = None,
+        seed: int | None = None,
+    ) -> VerifyReport:
         """Re-hash every blob (or those of ``digests``); move bad ones to
         ``quarantine/`` and forget them. Anything but a regular file at a blob's path
-        (a planted link) is bad too, whatever it points to.
+        (a planted link) is bad too, whatever it points to. Each good blob's file
+        identity (:func:`file_identity`) and the time are recorded.
 
         A blob that is being written or read is skipped, unless ``wait`` > 0:
         then verify waits up to that many seconds for it to become idle. A blob
         that another process removed or quarantined meanwhile is skipped.
+
+        Args:
+            max_age: skip blobs verified less than this many seconds ago whose file is
+                unchanged since (same identity): a scheduled pass re-hashes what is due.
+            sample: of the blobs still due, hash this fraction (0-1, at least one),
+                picked at random (``seed``): a bounded pass per run.
 
         Raises:
             StoreError: a bad blob cannot be moved aside (the message names it).
@@ -440,6 +479,14 @@ class Store:
             names += self._non_regular_blobs()
         else:
             names = sorted(set(digests))
+        if max_age is not None:
+            names = [n for n in names if self._due(n, max_age)]
+        if sample is not None and names:
+            import random
+
+            k = max(1, round(len(names) * min(max(sample, 0.0), 1.0)))
+            names = sorted(random.Random(seed).sample(names, min(k, len(names))))
+        report.due = len(names)
         for sha in names:
             if not os.path.lexists(self.path_for(sha)):
                 continue
@@ -452,19 +499,42 @@ class Store:
                 lock.release()
         return report
 
+    def _due(self, sha: str, max_age: float) -> bool:
+        """Whether ``sha`` needs hashing: never verified, verified too long ago, or its
+        file changed since."""
+        try:
+            known = self.index.identity(sha)
+            st = os.lstat(self.path_for(sha))
+        except (StoreError, OSError):
+            return True
+        if known is None or time.time() - known[1] > max_age:
+            return True
+        return known[0] != file_identity(st)
+
     def _verify_one(self, sha: str, report: VerifyReport) -> None:
         path = self.path_for(sha)
+        ident = None
         try:
             st = os.lstat(path)
             why = None if stat.S_ISREG(st.st_mode) else self.check(sha)
             if why is None:
-                actual = hash_file(path)
+                with os.fdopen(open_leaf(path), "rb") as fh:
+                    ident = file_identity(os.fstat(fh.fileno()))
+                    h = hashlib.sha256()
+                    while chunk := fh.read(HASH_CHUNK):
+                        h.update(chunk)
+                actual = h.hexdigest()
                 report.checked += 1
                 report.bytes += st.st_size
                 why = None if actual == sha else f"content hashes to {actual}"
         except FileNotFoundError:
             return  # a neighbour quarantined or removed it meanwhile
+        except NotRegular as exc:
+            why = f"{exc.path} is {exc.what}"
         if why is None:
+            if ident is not None:
+                with contextlib.suppress(StoreError):
+                    self.index.record_identity(sha, ident)
             return
         report.bad.append((sha, why))
         try:

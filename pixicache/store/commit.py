@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pixicache.errors import IntegrityError
+from pixicache.store.files import file_identity
 from pixicache.store.locking import LockTimeout
 
 if TYPE_CHECKING:
@@ -87,20 +88,29 @@ def commit_partial(
         raise store.os_error(exc, f"committing {partial.name}") from exc
     dest = store.path_for(sha256)
     store.make_dirs(dest.parent)
-    if locked:
-        os.replace(partial, dest)
-    else:
-        try:
-            with store.lock(sha256, timeout=30):
-                if dest.exists():
-                    partial.unlink()
-                else:
-                    os.replace(partial, dest)
-        except LockTimeout:
-            partial.unlink()
+    placed = True
+    try:
+        if locked:
+            os.replace(partial, dest)
+        else:
+            try:
+                with store.lock(sha256, timeout=30):
+                    if dest.exists():
+                        partial.unlink()
+                        placed = False
+                    else:
+                        os.replace(partial, dest)
+            except LockTimeout:
+                partial.unlink()
+                placed = False
+    except OSError as exc:
+        raise store.os_error(exc, f"committing {dest.name} into {dest.parent}") from exc
     if store.durable:
         with contextlib.suppress(OSError):
             fsync_dir(dest.parent)
     if dest.exists():
         store.index.record(sha256, size, url=url)
+        if placed:  # the file as verified: a later change of it shows (see Store.verify)
+            with contextlib.suppress(OSError):
+                store.index.record_identity(sha256, file_identity(os.fstat(fd)))
     return dest

@@ -5,13 +5,15 @@ directory). Two rules hold for every file and directory the store creates or
 opens:
 
 * **Modes do not depend on the creating process's umask.** In a shared store,
-  the shared directories (``sha256/``, ``locks/``, ``quarantine/``) are created
-  ``2775`` (``rwxrwsr-x``: the group is inherited through setgid) and shared
-  files ``0664``; blobs are ``0444``. The modes are set with ``chmod``/``fchmod``
-  after creation, so a root shell with ``umask 022`` warming a node leaves a
-  store every member of the group can use. The shared directories are not
-  sticky on purpose: any member can move a corrupt blob to ``quarantine/``
-  (every consumer verifies digests, so a member can disturb, never poison).
+  the top directories (``sha256/``, ``locks/``, ``quarantine/``) are ``3775``
+  (``rwxrwsr-t``: the group is inherited through setgid, and the sticky bit lets
+  only a directory's owner rename or remove it, so no member can swap
+  ``sha256/ab`` for a link to somewhere else); the fan-out directories below
+  them (``sha256/ab/``) are ``2775``, not sticky on purpose: any member can move
+  a corrupt blob to ``quarantine/`` (every consumer verifies what it uses, so a
+  member can disturb, never poison). Shared files are ``0664``, blobs ``0444``.
+  The modes are set with ``chmod``/``fchmod`` after creation, so a root shell with
+  ``umask 022`` warming a node leaves a store every member of the group can use.
 * **Nothing is opened through a symbolic link or as a non-regular file.**
   Every open uses ``O_NOFOLLOW`` and checks ``fstat`` for a regular file; a
   planted link or device is :class:`NotRegular`, which the store treats as a
@@ -38,6 +40,7 @@ __all__ = [
     "BLOB_MODE",
     "SHARED_DIR_MODE",
     "SHARED_FILE_MODE",
+    "SHARED_TOP_DIR_MODE",
     "NotRegular",
     "check_private",
     "create_exclusive",
@@ -45,9 +48,11 @@ __all__ = [
     "make_dir",
     "open_regular",
     "publish_new",
+    "sticky_if_mine",
 ]
 
 SHARED_DIR_MODE = 0o2775
+SHARED_TOP_DIR_MODE = 0o3775
 SHARED_FILE_MODE = 0o664
 PRIVATE_DIR_MODE = 0o700
 BLOB_MODE = 0o444
@@ -118,6 +123,45 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: i
     return fd
 
 
+def file_identity(st: os.stat_result) -> str:
+    """What changes when a file's bytes could have: device, inode, size, mtime, ctime
+    (a rewrite, a replacement, a ``touch`` or ``chmod`` all show)."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def open_leaf(path: str | os.PathLike[str]) -> int:
+    """:func:`open_regular` for reading, with the parent directory opened without
+    following a link too (``<store>/sha256/ab/<digest>``: a member of a shared store's
+    group may replace ``ab`` by a link to a directory it cannot read itself).
+
+    Raises:
+        NotRegular: the file or its directory is a link, or the file is not regular.
+        OSError: as ``os.open``.
+    """
+    path = os.fspath(path)
+    parent, name = os.path.split(path)
+    try:
+        dfd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise NotRegular(parent, "a symbolic link (or not a directory)") from None
+        raise
+    try:
+        try:
+            fd = os.open(name, os.O_RDONLY | _NOFOLLOW | _CLOEXEC, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotRegular(path, "a symbolic link") from None
+            raise
+    finally:
+        os.close(dfd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegular(path, describe(st))
+    return fd
+
+
 def create_exclusive(path: str | os.PathLike[str], mode: int, flags: int = os.O_RDWR) -> int:
     """Create ``path`` (it must not exist: ``O_EXCL``, no link followed) with exactly ``mode``."""
     fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
@@ -127,6 +171,17 @@ def create_exclusive(path: str | os.PathLike[str], mode: int, flags: int = os.O_
         os.close(fd)
         raise
     return fd
+
+
+def sticky_if_mine(path: Path) -> None:
+    """Add the sticky bit to a directory this user (or root) owns and that lacks it (a
+    store made before the top directories were sticky); others' are left as they are."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_ISVTX and os.geteuid() in (st.st_uid, 0):
+            os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_ISVTX)
+    except OSError:
+        pass
 
 
 def publish_new(path: Path, mode: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,11 @@ CREATE TABLE IF NOT EXISTS builds (
     filename TEXT NOT NULL,
     PRIMARY KEY (source, target, uid)
 );
+CREATE TABLE IF NOT EXISTS identities (
+    sha256 TEXT PRIMARY KEY,
+    ident TEXT NOT NULL,
+    verified REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS md5s (
     md5 TEXT NOT NULL,
     size INTEGER NOT NULL,
@@ -65,12 +71,16 @@ class Index:
             file with the store's mode and calls :meth:`create` (under the store's
             index lock). The database is not touched before it is first used.
         journal: SQLite's journal mode. ``WAL`` (readers never wait) for a store of
-            one user; ``DELETE`` for a store shared by several users: in WAL mode
+            one user; ``PERSIST`` for a store shared by several users: in WAL mode
             every connection maps the ``-shm`` file, which SQLite creates with the
             umask's mode and only then widens, so a second user opening it in that
             instant is silently read-only for good ("attempt to write a readonly
-            database"); a rollback journal is only ever opened by the writer that
-            holds the lock.
+            database"); and a journal SQLite creates and deletes per transaction
+            (``DELETE``) is a name another member could plant a link at, which
+            SQLite would follow and write through. ``PERSIST`` keeps one journal file
+            for good, made with the store's mode when the index is (the sticky store
+            root keeps anyone else from replacing it), and a link found there is
+            refused.
     """
 
     def __init__(
@@ -93,13 +103,30 @@ class Index:
                     self._prepared = True
         return self._open()
 
+    @property
+    def journal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-journal")
+
     def _open(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
+            for extra in (self.journal_path, self.path):
+                try:
+                    st = os.lstat(extra)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    raise StoreError(
+                        f"{extra} is not a regular file (a link or something else was put "
+                        f"there, owner uid {st.st_uid}): the index is not opened through it. "
+                        "Remove it (as its owner or root)"
+                    )
             try:
                 conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
                 conn.execute("PRAGMA busy_timeout=60000")
                 conn.execute("PRAGMA synchronous=NORMAL")
+                if self.journal != "WAL":  # a rollback journal's mode is per connection
+                    conn.execute(f"PRAGMA journal_mode={self.journal}")
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
             self._local.conn = conn
@@ -168,6 +195,34 @@ class Index:
             conn.execute("DELETE FROM blobs WHERE sha256=?", (sha256,))
             conn.execute("DELETE FROM urls WHERE sha256=?", (sha256,))
             conn.execute("DELETE FROM md5s WHERE sha256=?", (sha256,))
+            conn.execute("DELETE FROM identities WHERE sha256=?", (sha256,))
+
+    def record_identity(self, sha256: str, ident: str) -> None:
+        """Note that the blob ``sha256`` was hashed (now) as the file ``ident`` (device,
+        inode, size, mtime and ctime: :func:`pixicache.store.cas.file_identity`)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO identities(sha256, ident, verified) VALUES (?,?,?)",
+                (sha256, ident, time.time()),
+            )
+
+    def identity(self, sha256: str) -> tuple[str, float] | None:
+        """``(identity, when verified)`` of the blob ``sha256``, if it was verified."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT ident, verified FROM identities WHERE sha256=?", (sha256,)
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def verified_before(self, when: float) -> set[str]:
+        """The blobs last verified before ``when`` (or never: not listed here)."""
+        with self._write() as conn:
+            rows = conn.execute("SELECT sha256 FROM identities WHERE verified < ?", (when,))
+            return {r[0] for r in rows}
+
+    def verified_digests(self) -> set[str]:
+        with self._write() as conn:
+            return {r[0] for r in conn.execute("SELECT sha256 FROM identities")}
 
     def record_md5(self, md5: str, size: int, sha256: str) -> None:
         """Note that the blob ``sha256`` is what an MD5-pinned artifact (``md5``, ``size``)

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from pixicache.model.artifact import Artifact
     from pixicache.store.cas import Store
 
-__all__ = ["StoreView", "ViewRequest", "view_path"]
+__all__ = ["StoreView", "ViewRequest", "project_of_file", "view_path"]
 
 _CHUNK = 16 << 20
 
@@ -62,7 +62,7 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _project_of(filename: str) -> str:
+def project_of_file(filename: str) -> str:
     """The normalized project of a wheel or sdist file name."""
     if filename.endswith(".whl"):
         return _normalize(filename.split("-", 1)[0])
@@ -223,7 +223,7 @@ class StoreView:
             self._by_path[p] = a
             by_name.setdefault(unquote(a.filename), []).append(a)
             if a.kind == "pypi":
-                self._projects.setdefault(_project_of(unquote(a.filename)), []).append(a)
+                self._projects.setdefault(project_of_file(unquote(a.filename)), []).append(a)
         self._by_name = {
             name: arts[0] for name, arts in by_name.items() if len({x.key for x in arts}) == 1
         }
