@@ -1,31 +1,42 @@
 #!/usr/bin/env python3
-"""Benchmark `pixicache serve` on loopback (issue 3 acceptance). Prints a markdown table.
+"""`pixicache serve` beside nginx and squid, measured the way a site runs them. Prints tables.
 
-Measured in one run, against the size-faithful synthetic workload of the shared
-GPU lock (121 artifacts, 3.71 GB at --scale 1.0) served by pixicache's counting
-test server as "conda-forge":
+One run measures, for pixicache, nginx (``proxy_cache`` + ``proxy_cache_lock``) and squid
+(``collapsed_forwarding``), each started cold and interleaved ``--repeat`` times (the
+ratios are within a repetition; the table gives medians):
 
-(a) hits: throughput of one --blob-size blob (1 GiB) to 1, 8 and 32 concurrent
-    clients, and requests/s for the 121 artifacts (8 clients), pixicache vs
-    nginx (Debian) serving the same files from disk (goal >= 0.8x nginx);
-(b) cold pull-through of the blob: time to last byte through a cold serve vs
-    straight from the upstream server (goal <= 1.1x);
-(c) thundering herd: --herd (100) client processes fetch the whole workload
-    through /conda-forge/... of a cold serve: upstream requests must equal the
-    distinct artifacts, upstream bytes the lock's bytes, every client must get
-    every digest right; and the serve's peak RSS (VmHWM, goal < 200 MB).
+cold
+    one blob (``--blob-size``, 1 GiB) pulled through each cache by one client: time to
+    last byte (and straight from the upstream: ``direct``), and the CPU-seconds per GiB
+    the cache's processes used;
+herd
+    ``--herd`` (32) clients at once ask a cold cache for one blob (``--herd-size``,
+    256 MiB): time to first byte (median), the last client done, what upstream sent
+    (requests, bytes) and whether every client got every byte right;
+hits
+    warm caches: one big blob to 8 connections (throughput, server CPU in cores) and the
+    workload's artifacts (the GPU lock's 121 at ``--scale``) to 8 connections
+    (requests/s), pixicache with ``--workers`` 1 and 2 beside nginx with 1 and 2 workers
+    serving the same files from disk.
 
-The server runs as its own process (`python -m pixicache.serve`), as in
-production; clients are separate processes with a lean HTTP/1.1 client
-(http.client, 1 MiB readinto), the same for pixicache and nginx.
+The upstream is nginx serving the files statically; its access log counts what it sent.
+``--shaped RATE`` (root) puts it in a network namespace of its own behind a veth pair
+shaped with ``tc tbf`` (``benchmarks/netshape.py``), so the caches pull through a
+WAN-like link; without it, everything is on loopback. Clients are separate processes
+with a lean HTTP/1.1 client (http.client, 1 MiB readinto), the same for every server.
 
-    python benchmarks/serve.py --scale 1.0            # the acceptance run
-    python benchmarks/serve.py --quick                # a small smoke run (~1 min)
+    python benchmarks/serve.py --shaped 1gbit          # the acceptance run
+    python benchmarks/serve.py                         # loopback
+    python benchmarks/serve.py --quick                 # a small smoke run (~1 min)
+
+Needs nginx and squid (``apt-get install nginx squid``); a missing peer is a row that
+says so, never a silently weaker comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -38,12 +49,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve()
-
+sys.path.insert(0, str(HERE.parent))
 
 # -- the client (runs in its own process: `serve.py _client SPEC.json`) ------------------------
 
@@ -67,6 +79,7 @@ def client_main(spec_path: str) -> None:
             lanes[i % threads].append(item)
     totals = {"bytes": 0, "requests": 0, "failures": []}
     lock = threading.Lock()
+    first: list[float | None] = [None]  # when the first body byte arrived
 
     def lane(work: list[list[Any]]) -> None:
         conns: dict[str, http.client.HTTPConnection] = {}
@@ -88,6 +101,8 @@ def client_main(spec_path: str) -> None:
                 n = 0
                 while True:
                     k = resp.readinto(view)
+                    if first[0] is None and k:
+                        first[0] = time.time()
                     if not k:
                         break
                     if h is not None:
@@ -117,7 +132,7 @@ def client_main(spec_path: str) -> None:
         w.start()
     for w in workers:
         w.join()
-    totals["start"], totals["end"] = t0, time.time()
+    totals["start"], totals["end"], totals["first_byte"] = t0, time.time(), first[0]
     print(json.dumps(totals), flush=True)
 
 
@@ -139,16 +154,18 @@ def run_clients(n: int, spec: dict[str, Any], work: Path, startup: float = 2.0) 
         results.append(json.loads(out.strip().splitlines()[-1]))
     start = min(r["start"] for r in results)
     end = max(r["end"] for r in results)
+    firsts = sorted(r["first_byte"] - start for r in results if r.get("first_byte"))
     return {
         "bytes": sum(r["bytes"] for r in results),
         "requests": sum(r["requests"] for r in results),
         "seconds": end - start,
+        "first_byte_p50": statistics.median(firsts) if firsts else None,
         "failures": [f for r in results for f in r["failures"]],
         "clients_ok": sum(1 for r in results if not r["failures"]),
     }
 
 
-# -- servers -----------------------------------------------------------------------------------
+# -- processes and their CPU -------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -157,375 +174,475 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Serve:
-    """`python -m pixicache.serve` as a child process."""
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            out += _tree(int(child))
+    except OSError:
+        pass
+    return out
 
-    def __init__(self, cache_dir: Path, upstream_url: str, work: Path, name: str) -> None:
-        self.log = work / f"{name}.log"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pixicache.serve",
-                "--port",
-                "0",
-                "--cache-dir",
-                str(cache_dir),
-                "--upstream",
-                f"conda-forge={upstream_url}",
-                "--quiet",
-                "--per-client",
-                "0",
-                "--max-connections",
-                "10000",
-            ],
-            stderr=open(self.log, "w"),  # noqa: SIM115 - the child owns it
-        )
-        deadline = time.time() + 30
-        self.url = ""
-        while not self.url:
-            if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"serve did not start:\n{self.log.read_text()}")
-            for line in self.log.read_text().splitlines():
-                if "listening on " in line:
-                    self.url = line.split("listening on ", 1)[1].split()[0]
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every process below it (threads included)."""
+    ticks = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                break
             time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:] if log.exists() else ''}")
 
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
 
-    def idle(self, timeout: float = 600) -> None:
-        import httpx
+class Server:
+    """A server process: its URL, its CPU, stop."""
 
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if httpx.get(self.url + "/admin/fills", timeout=30).json() == []:
-                return
-            time.sleep(0.05)
-        raise TimeoutError("fills still running")
+    name = "?"
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU seconds the serve process has used (its threads included)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
+        self.proc, self.url = proc, url
 
-    def gc_all(self) -> None:
-        import httpx
-
-        httpx.post(self.url + "/admin/gc?max_size=0", timeout=600).raise_for_status()
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def start_nginx(root: Path, work: Path, workers: str) -> tuple[subprocess.Popen[bytes] | None, str]:
-    nginx = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
-    if not nginx:
-        return None, "nginx not found (apt-get install -y nginx)"
-    port = free_port()
-    conf = work / "nginx.conf"
-    temp = {k: work / f"nginx-{k}" for k in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+def nginx_bin() -> str | None:
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+
+
+def squid_bin() -> str | None:
+    return shutil.which("squid") or ("/usr/sbin/squid" if Path("/usr/sbin/squid").exists() else None)
+
+
+def _nginx_conf(work: Path, name: str, workers: int, http_block: str) -> Path:
+    temp = {k: work / f"{name}-{k}" for k in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    conf = work / f"{name}.conf"
     conf.write_text(
-        f"""
-worker_processes {workers};
+        f"""worker_processes {workers};
 daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log;
+pid {work}/{name}.pid;
+error_log {work}/{name}-error.log;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
     sendfile on; tcp_nopush on;
     client_body_temp_path {temp["body"]};
     proxy_temp_path {temp["proxy"]};
     fastcgi_temp_path {temp["fastcgi"]};
     uwsgi_temp_path {temp["uwsgi"]};
     scgi_temp_path {temp["scgi"]};
-    server {{ listen 127.0.0.1:{port}; root {root}; }}
+{http_block}
 }}
 """
     )
-    proc = subprocess.Popen([nginx, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 10
-    while time.time() < deadline:
+    return conf
+
+
+def start_nginx_static(root: Path, work: Path, name: str, host: str, workers: int = 1,
+                       popen: Any = subprocess.Popen, log_to: Path | None = None) -> Server:
+    """nginx serving ``root`` (as the upstream, counting what it sent, or as the peer of hits)."""
+    port = free_port()
+    access = (
+        f"log_format sent '$request_uri $status $body_bytes_sent'; access_log {log_to} sent;"
+        if log_to else "access_log off;"
+    )
+    conf = _nginx_conf(work, name, workers, f"    {access}\n    server {{ listen {host}:{port}; root {root}; }}")
+    proc = popen([nginx_bin(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    wait_port(host, port, proc, name, work / f"{name}-error.log")
+    s = Server(proc, f"http://{host}:{port}")
+    s.name = f"nginx x{workers}"
+    return s
+
+
+def start_nginx_cache(upstream: str, work: Path, name: str) -> Server:
+    port = free_port()
+    cache = work / f"{name}-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    block = f"""    access_log off;
+    proxy_cache_path {cache} levels=1:2 keys_zone={name}:10m max_size=100g inactive=1d use_temp_path=off;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass {upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache {name};
+            proxy_cache_valid 200 1d;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 3600s;
+            proxy_cache_lock_age 3600s;
+            proxy_read_timeout 600s;
+        }}
+    }}"""
+    conf = _nginx_conf(work, name, 1, block)
+    proc = subprocess.Popen([nginx_bin(), "-c", str(conf)], stderr=subprocess.DEVNULL)
+    wait_port("127.0.0.1", port, proc, name, work / f"{name}-error.log")
+    s = Server(proc, f"http://127.0.0.1:{port}")
+    s.name = "nginx proxy_cache"
+    return s
+
+
+def start_squid(upstream: str, work: Path, name: str) -> Server:
+    up = urlsplit(upstream)
+    port = free_port()
+    d = work / name
+    shutil.rmtree(d, ignore_errors=True)
+    (d / "cache").mkdir(parents=True)
+    conf = d / "squid.conf"
+    conf.write_text(
+        f"""http_port 127.0.0.1:{port} accel defaultsite={up.hostname} no-vhost
+cache_peer {up.hostname} parent {up.port} 0 no-query originserver name=up
+http_access allow all
+cache_peer_access up allow all
+collapsed_forwarding on
+cache_dir ufs {d}/cache 100000 16 256
+maximum_object_size 8 GB
+cache_mem 64 MB
+maximum_object_size_in_memory 1 MB
+refresh_pattern . 1440 100% 10080 override-expire
+pid_filename {d}/squid.pid
+access_log none
+cache_log {d}/cache.log
+coredump_dir {d}
+workers 1
+shutdown_lifetime 1 seconds
+"""
+    )
+    if os.geteuid() == 0:
+        shutil.chown(d, "proxy", "proxy")
+        for p in d.rglob("*"):
+            shutil.chown(p, "proxy", "proxy")
+    subprocess.run([squid_bin(), "-z", "-N", "-f", str(conf)], capture_output=True, timeout=120)
+    proc = subprocess.Popen([squid_bin(), "-N", "-f", str(conf)], stderr=subprocess.DEVNULL)
+    wait_port("127.0.0.1", port, proc, name, d / "cache.log")
+    s = Server(proc, f"http://127.0.0.1:{port}")
+    s.name = "squid"
+    return s
+
+
+def start_pixicache(upstream: str, work: Path, name: str, workers: int = 1) -> Server:
+    log = work / f"{name}.log"
+    store = work / f"{name}-store"
+    shutil.rmtree(store, ignore_errors=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pixicache", "serve", "--port", "0", "--cache-dir", str(store),
+         "--only-upstreams", "--upstream", f"conda-forge={upstream}/conda-forge", "--quiet",
+         "--per-client", "0", "--max-connections", "10000", "--workers", str(workers)],
+        stderr=open(log, "w"),  # noqa: SIM115 - the child owns it
+    )  # fmt: skip
+    deadline = time.time() + 30
+    url = ""
+    while not url:
+        if time.time() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"pixicache serve did not start:\n{log.read_text()}")
+        for line in log.read_text().splitlines():
+            if "listening on " in line:
+                url = line.split("listening on ", 1)[1].split()[0]
+        time.sleep(0.05)
+    s = Server(proc, url)
+    s.name = f"pixicache x{workers}" if workers > 1 else "pixicache"
+    return s
+
+
+@contextlib.contextmanager
+def upstream_at(root: Path, work: Path, shaped: str | None) -> Iterator[tuple[Server, Path, str]]:
+    """nginx serving ``root`` as the upstream, on loopback or behind a shaped link;
+    yields (server, its access log, a description)."""
+    log = work / "upstream-access.log"
+    log.unlink(missing_ok=True)
+    if not shaped:
+        up = start_nginx_static(root, work, "upstream", "127.0.0.1", log_to=log)
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    proc.kill()
-    return None, f"nginx did not start (see {work}/nginx-error.log)"
+            yield up, log, "loopback"
+        finally:
+            up.stop()
+        return
+    from netshape import ShapedLink
+
+    with ShapedLink(shaped) as link:
+        up = start_nginx_static(root, work, "upstream", link.upstream_ip, popen=link.popen, log_to=log)
+        try:
+            yield up, log, f"a {shaped} link (veth + tc tbf, its own network namespace)"
+        finally:
+            up.stop()
+
+
+def upstream_sent(log: Path) -> tuple[int, int]:
+    """(requests, body bytes) in the upstream's access log so far."""
+    n = b = 0
+    with contextlib.suppress(FileNotFoundError):
+        for line in log.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[2].isdigit():
+                n += 1
+                b += int(parts[2])
+    return n, b
 
 
 # -- the measurements --------------------------------------------------------------------------
 
-
-def gbps(result: dict[str, Any]) -> float:
-    return result["bytes"] / result["seconds"] / 1e9
+PEERS = ("pixicache", "nginx proxy_cache", "squid")
 
 
-def fmt_ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
+def start_peer(kind: str, upstream: str, work: Path, tag: str) -> Server | str:
+    """A cold cache of ``kind`` in front of ``upstream``, or why it cannot run here."""
+    if kind == "pixicache":
+        return start_pixicache(upstream, work, f"px-{tag}")
+    if kind == "nginx proxy_cache":
+        return start_nginx_cache(upstream, work, f"ngc_{tag}") if nginx_bin() else "nginx is not installed"
+    return start_squid(upstream, work, f"squid-{tag}") if squid_bin() else "squid is not installed"
+
+
+def fetch_once(url: str, sha: str, size: int, work: Path) -> dict[str, Any]:
+    r = run_clients(1, {"items": [[url, sha, size]], "verify": False}, work, startup=0.3)
+    if r["failures"]:
+        raise RuntimeError(f"{url}: {r['failures'][:3]}")
+    return r
+
+
+def measure_cold(up: Server, rel: str, sha: str, size: int, work: Path, repeat: int) -> dict[str, list[float]]:
+    """Per kind: time to last byte and CPU-s/GiB, one cold cache per repetition."""
+    out: dict[str, list[float]] = {"direct": []}
+    gib = size / (1 << 30)
+    for rep in range(repeat):
+        out["direct"].append(fetch_once(f"{up.url}/{rel}", sha, size, work)["seconds"])
+        for kind in PEERS:
+            srv = start_peer(kind, up.url, work, f"cold{rep}")
+            if isinstance(srv, str):
+                out.setdefault(f"{kind} missing", []).append(0.0)
+                continue
+            try:
+                c0 = srv.cpu()
+                r = fetch_once(f"{srv.url}/{rel}", sha, size, work)
+                time.sleep(0.5)  # a cache finishing its write after the last byte
+                out.setdefault(f"{kind} time", []).append(r["seconds"])
+                out.setdefault(f"{kind} cpu", []).append((srv.cpu() - c0) / gib)
+            finally:
+                srv.stop()
+    return out
+
+
+def measure_herd(up: Server, log: Path, rel: str, sha: str, size: int, work: Path, clients: int, repeat: int) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for rep in range(repeat):
+        for kind in PEERS:
+            srv = start_peer(kind, up.url, work, f"herd{rep}")
+            if isinstance(srv, str):
+                continue
+            try:
+                n0, b0 = upstream_sent(log)
+                r = run_clients(clients, {"items": [[f"{srv.url}/{rel}", sha, size]], "verify": True}, work, startup=1.0)
+                time.sleep(0.5)
+                n1, b1 = upstream_sent(log)
+                out.setdefault(f"{kind} ttfb", []).append(r["first_byte_p50"])
+                out.setdefault(f"{kind} last", []).append(r["seconds"])
+                out.setdefault(f"{kind} upstream", []).append((n1 - n0, b1 - b0))
+                out.setdefault(f"{kind} ok", []).append(r["clients_ok"])
+            finally:
+                srv.stop()
+    return out
+
+
+def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any], work: Path, repeat: int) -> dict[str, list[float]]:
+    """Warm servers: the big blob to 8 connections (GB/s, server cores) and the artifacts
+    to 8 connections (requests/s); pixicache x1, x2 and nginx x1, x2."""
+    out: dict[str, list[float]] = {}
+    servers: list[Server] = []
+    try:
+        for workers in (1, 2):
+            px = start_pixicache(up.url, work, f"px-hits{workers}", workers)
+            warm = [[it[0].replace("{base}", px.url), it[1], it[2]] for it in [*items, big]]
+            r = run_clients(4, {"items": warm, "threads": 4}, work, startup=0.5)  # fills every blob
+            if r["failures"]:
+                raise RuntimeError(f"warming pixicache: {r['failures'][:3]}")
+            servers.append(px)
+            servers.append(start_nginx_static(root, work, f"ng-hits{workers}", "127.0.0.1", workers))
+        for _rep in range(repeat):
+            for srv in servers:
+                at = [[it[0].replace("{base}", srv.url), it[1], it[2]] for it in items]
+                big_at = [[big[0].replace("{base}", srv.url), big[1], big[2]]]
+                c0 = srv.cpu()
+                r = run_clients(1, {"items": big_at, "threads": 8, "repeat": 8}, work, startup=0.3)
+                out.setdefault(f"{srv.name} big GB/s", []).append(r["bytes"] / r["seconds"] / 1e9)
+                out.setdefault(f"{srv.name} big cores", []).append((srv.cpu() - c0) / r["seconds"])
+                r = run_clients(1, {"items": at, "threads": 8, "repeat": 5}, work, startup=0.3)
+                out.setdefault(f"{srv.name} small req/s", []).append(r["requests"] / r["seconds"])
+    finally:
+        for srv in servers:
+            srv.stop()
+    return out
+
+
+def med(values: list[Any]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio_of(a: list[float], b: list[float]) -> float:
+    """The median of the per-repetition ratios a/b."""
+    return statistics.median([x / y for x, y in zip(a, b) if y]) if a and b else float("nan")
+
+
+def report(cold: dict[str, Any], herd: dict[str, Any], hits: dict[str, Any], *, blob: int, herd_size: int, clients: int, artifacts: int, link: str, sha_s: float) -> str:
+    lines = [f"upstream: nginx (static) over {link}; medians of the repetitions, ratios within each", ""]
+    if cold.get("direct"):
+        lines += _cold_rows(cold, blob, sha_s)
+    if herd:
+        lines += _herd_rows(herd, herd_size, clients)
+    if hits:
+        lines += _hits_rows(hits, blob, artifacts)
+    return "\n".join(lines)
+
+
+def _cold_rows(cold: dict[str, Any], blob: int, sha_s: float) -> list[str]:
+    lines = [
+        f"### cold pull-through of {blob / 2**20:.0f} MiB, one client",
+        "",
+        "| | time to last byte | ÷ direct | cache CPU-s per GiB | ÷ nginx proxy_cache |",
+        "|---|---|---|---|---|",
+        f"| direct from upstream | {med(cold['direct']):.2f} s | 1.00x | - | - |",
+    ]
+    for kind in PEERS:
+        if f"{kind} missing" in cold:
+            lines.append(f"| {kind} | not run: {kind.split()[0]} is not installed | | | |")
+            continue
+        t, c = cold[f"{kind} time"], cold[f"{kind} cpu"]
+        vs = ratio_of(c, cold.get("nginx proxy_cache cpu", []))
+        lines.append(
+            f"| {kind} | {med(t):.2f} s | {ratio_of(t, cold['direct']):.2f}x | {med(c):.2f} | "
+            f"{vs:.2f}x |"
+        )
+    lines.append(f"| (one SHA-256 pass over the blob on this CPU) | | | {sha_s:.2f} | |")
+    return [*lines, ""]
+
+
+def _herd_rows(herd: dict[str, Any], herd_size: int, clients: int) -> list[str]:
+    lines = [
+        f"### herd: {clients} clients at once, one cold {herd_size / 2**20:.0f} MiB blob",
+        "",
+        "| | first byte (median) | last client done | upstream requests / bytes | clients with every byte right |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in PEERS:
+        if f"{kind} last" not in herd:
+            lines.append(f"| {kind} | not run | | | |")
+            continue
+        ups = herd[f"{kind} upstream"]
+        ttfb = [x for x in herd[f"{kind} ttfb"] if x is not None]
+        lines.append(
+            f"| {kind} | {med(ttfb):.2f} s | {med(herd[f'{kind} last']):.2f} s | "
+            f"{max(u[0] for u in ups)} / {max(u[1] for u in ups) / herd_size:.2f}x the blob "
+            f"(worst repetition) | {min(herd[f'{kind} ok'])}/{clients} |"
+        )
+    return [*lines, ""]
+
+
+def _hits_rows(hits: dict[str, Any], blob: int, artifacts: int) -> list[str]:
+    lines = [
+        f"### hits (warm): one {blob / 2**20:.0f} MiB blob x 8 connections; {artifacts} artifacts x 8 connections",
+        "",
+        "| server | big blob GB/s | server CPU (cores) | artifacts req/s | req/s ÷ nginx, same workers |",
+        "|---|---|---|---|---|",
+    ]
+    for workers in (1, 2):
+        px = "pixicache" if workers == 1 else "pixicache x2"
+        ng = f"nginx x{workers}"
+        for name in (px, ng):
+            rq = hits.get(f"{name} small req/s", [])
+            lines.append(
+                f"| {name} | {med(hits.get(f'{name} big GB/s', [])):.2f} | "
+                f"{med(hits.get(f'{name} big cores', [])):.2f} | {med(rq):.0f} | "
+                + (f"{ratio_of(rq, hits.get(f'{ng} small req/s', [])):.2f}x |" if name == px else "1.00x |")
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--scale", type=float, default=None, help="workload scale (default 1.0; --quick: 0.02)"
-    )
-    parser.add_argument(
-        "--blob-size", type=int, default=None, help="bytes of the big blob (default 1 GiB)"
-    )
-    parser.add_argument(
-        "--herd", type=int, default=None, help="client processes for (c) (default 100)"
-    )
-    parser.add_argument(
-        "--herd-threads", type=int, default=2, help="connections per herd client (2)"
-    )
-    parser.add_argument("--clients", default=None, help="client counts for (a), e.g. 1,8,32")
-    parser.add_argument(
-        "--nginx-workers", default="1", help="nginx worker_processes (1: one process, like serve)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a small, fast run (scale 0.02, 128 MiB, 20 clients)"
-    )
-    parser.add_argument(
-        "--work", type=Path, default=None, help="work directory (default: a temp dir, removed)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=None, help="the artifacts' size (default 0.1)")
+    parser.add_argument("--blob-size", type=int, default=None, help="bytes of the cold blob (1 GiB)")
+    parser.add_argument("--herd-size", type=int, default=None, help="bytes of the herd's blob (256 MiB)")
+    parser.add_argument("--herd", type=int, default=None, help="herd clients (32)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (3)")
+    parser.add_argument("--shaped", metavar="RATE", default=None, help="the upstream behind a tbf-shaped link, e.g. 1gbit (root)")
+    parser.add_argument("--only", default="cold,herd,hits", help="which sections (cold,herd,hits)")
+    parser.add_argument("--quick", action="store_true", help="a small run (128 MiB, scale 0.02, 8 clients, 1 repetition)")
+    parser.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir, removed)")
     args = parser.parse_args(argv)
-    scale = args.scale if args.scale is not None else (0.02 if args.quick else 1.0)
-    blob_size = args.blob_size or ((128 << 20) if args.quick else (1 << 30))
-    herd = args.herd or (20 if args.quick else 100)
-    client_counts = [
-        int(c) for c in (args.clients or ("1,8" if args.quick else "1,8,32")).split(",")
-    ]
+    scale = args.scale if args.scale is not None else (0.02 if args.quick else 0.1)
+    blob = args.blob_size or ((128 << 20) if args.quick else (1 << 30))
+    herd_size = args.herd_size or ((64 << 20) if args.quick else (256 << 20))
+    clients = args.herd or (8 if args.quick else 32)
+    repeat = 1 if args.quick else max(1, args.repeat)
+    sections = set(args.only.split(","))
+    if args.shaped:
+        from netshape import shaping_available
 
-    from pixicache.testing import UpstreamServer, make_blob_workload
+        why = shaping_available()
+        if why:
+            raise SystemExit(f"--shaped: {why}")
+
+    from pixicache.testing import make_blob_workload
     from pixicache.testing.workload import write_random_file
 
     work = args.work or Path(tempfile.mkdtemp(prefix="pixicache-bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)
-    work.chmod(0o755)  # nginx workers (www-data/nobody) must read the files
-    rows: list[tuple[str, str, str, str, str]] = []
-    notes: list[str] = []
+    work.chmod(0o755)  # nginx (www-data) and squid (proxy) workers read and write below it
     try:
-        t0 = time.time()
         wl = make_blob_workload(work / "upstream", scale=scale, seed=1)
         big_rel = "conda-forge/linux-64/bench-big-1.0-0.conda"
-        big_sha, _ = write_random_file(wl.root / big_rel, blob_size, seed=2, key="big")
-        print(
-            f"workload: {len(wl.artifacts)} artifacts, {wl.total_bytes / 1e9:.2f} GB (scale {scale}); "
-            f"blob {blob_size / 2**20:.0f} MiB; made in {time.time() - t0:.1f} s",
-            file=sys.stderr,
-        )
-        items = [
-            [a.url.replace("https://conda.anaconda.org", "{base}"), a.sha256, a.size]
-            for a in wl.artifacts
-        ]
-
-        def at(base: str) -> list[list[Any]]:
-            return [[u.replace("{base}", base), s, n] for u, s, n in items]
-
-        with UpstreamServer(wl.root, url_prefix="") as up:
-            big_up = f"{up.url}/{big_rel}"
-
-            # (b) cold pull-through vs direct --------------------------------------------
-            serve = Serve(work / "store-cold", up.channel_url("conda-forge"), work, "serve-cold")
-            try:
-                direct, through, cpu = [], [], []
-                for _ in range(3):
-                    r = run_clients(1, {"items": [[big_up, big_sha, blob_size]]}, work, startup=0.3)
-                    assert not r["failures"], r["failures"]
-                    direct.append(r["seconds"])
-                    serve.idle()
-                    serve.gc_all()
-                    cpu0 = serve.cpu_seconds()
-                    r = run_clients(
-                        1,
-                        {"items": [[f"{serve.url}/{big_rel}", big_sha, blob_size]]},
-                        work,
-                        startup=0.3,
-                    )
-                    assert not r["failures"], r["failures"]
-                    through.append(r["seconds"])
-                    serve.idle()
-                    cpu.append(serve.cpu_seconds() - cpu0)
-                d, t = statistics.median(direct), statistics.median(through)
-                # the floor of any pull-through that verifies before the last byte:
-                # one SHA-256 pass over the blob (from the page cache) on this CPU
-                h0 = time.perf_counter()
-                with open(wl.root / big_rel, "rb") as f:
-                    assert hashlib.file_digest(f, "sha256").hexdigest() == big_sha
-                h = time.perf_counter() - h0
-                rows.append(
-                    (
-                        f"(b) cold pull-through, {blob_size / 2**20:.0f} MiB, time to last byte (median of 3)",
-                        f"{t:.2f} s",
-                        f"{d:.2f} s direct",
-                        fmt_ratio(t, d),
-                        "<= 1.1x",
-                    )
-                )
-                rows.append(
-                    (
-                        "(b) floor: SHA-256 of the blob on this CPU (one core, no I/O)",
-                        f"{h:.2f} s",
-                        f"{d:.2f} s direct",
-                        fmt_ratio(h, d),
-                        "-",
-                    )
-                )
-                rows.append(
-                    (
-                        "(b) serve CPU per pull-through (read, write, hash, send)",
-                        f"{statistics.median(cpu):.2f} CPU-s",
-                        f"{os.cpu_count()} cores",
-                        "-",
-                        "-",
-                    )
-                )
-            finally:
-                serve.stop()
-
-            # (c) thundering herd on a cold serve, peak RSS ------------------------------
-            up.reset_log()
-            serve = Serve(work / "store", up.channel_url("conda-forge"), work, "serve")
-            try:
-                r = run_clients(
-                    herd,
-                    {"items": at(serve.url), "threads": args.herd_threads, "verify": True},
-                    work,
-                    startup=3.0,
-                )
-                serve.idle()
-                art_paths = {urlsplit(a.url).path for a in wl.artifacts}
-                reqs = [q for q in up.requests if q.path in art_paths]
-                rss = serve.peak_rss_mb()
-                rows.append(
-                    (
-                        f"(c) herd: {herd} clients x {len(items)} artifacts, upstream requests",
-                        str(len(reqs)),
-                        f"{len(art_paths)} distinct",
-                        "exact" if len(reqs) == len(art_paths) else "MISMATCH",
-                        "= distinct artifacts",
-                    )
-                )
-                up_bytes = sum(q.bytes_sent for q in reqs)
-                rows.append(
-                    (
-                        "(c) herd: upstream bytes",
-                        f"{up_bytes:,}",
-                        f"{wl.total_bytes:,} in the lock",
-                        "exact" if up_bytes == wl.total_bytes else "MISMATCH",
-                        "= lock bytes",
-                    )
-                )
-                rows.append(
-                    (
-                        "(c) herd: clients with every digest right",
-                        f"{r['clients_ok']}/{herd}",
-                        f"{r['bytes'] / 1e9:.1f} GB in {r['seconds']:.1f} s ({gbps(r):.2f} GB/s)",
-                        "",
-                        "all",
-                    )
-                )
-                rows.append(
-                    (
-                        "(c) serve peak RSS (VmHWM) during the herd",
-                        f"{rss:.0f} MB",
-                        "",
-                        "",
-                        "< 200 MB",
-                    )
-                )
-                if r["failures"]:
-                    notes.append(f"herd failures (first 5): {r['failures'][:5]}")
-
-                # (a) hits vs nginx ------------------------------------------------------
-                big_serve = [[f"{serve.url}/{big_rel}", big_sha, blob_size]]
-                run_clients(1, {"items": big_serve}, work, startup=0.3)  # fill it
-                serve.idle()
-                nginx, nginx_url = start_nginx(wl.root, work, args.nginx_workers)
-                if nginx is None:
-                    notes.append(nginx_url)
-                try:
-                    for k in client_counts:
-                        repeat = max(1, 4 // k)
-                        ours = run_clients(k, {"items": big_serve, "repeat": repeat}, work)
-                        theirs = (
-                            run_clients(
-                                k,
-                                {
-                                    "items": [[f"{nginx_url}/{big_rel}", big_sha, blob_size]],
-                                    "repeat": repeat,
-                                },
-                                work,
-                            )
-                            if nginx
-                            else None
-                        )
-                        rows.append(
-                            (
-                                f"(a) hit, {blob_size / 2**20:.0f} MiB blob, {k} client(s)",
-                                f"{gbps(ours):.2f} GB/s",
-                                f"{gbps(theirs):.2f} GB/s nginx" if theirs else "-",
-                                fmt_ratio(gbps(ours), gbps(theirs)) if theirs else "-",
-                                ">= 0.8x nginx",
-                            )
-                        )
-                        for res in (ours, theirs):
-                            if res and res["failures"]:
-                                notes.append(f"hit failures: {res['failures'][:3]}")
-                    k = 8
-                    ours = run_clients(k, {"items": at(serve.url)}, work)
-                    theirs = run_clients(k, {"items": at(nginx_url)}, work) if nginx else None
-                    rows.append(
-                        (
-                            f"(a) hits, {len(items)} artifacts x {k} clients, requests/s",
-                            f"{ours['requests'] / ours['seconds']:.0f} req/s ({gbps(ours):.2f} GB/s)",
-                            f"{theirs['requests'] / theirs['seconds']:.0f} req/s ({gbps(theirs):.2f} GB/s) nginx"
-                            if theirs
-                            else "-",
-                            fmt_ratio(
-                                ours["requests"] / ours["seconds"],
-                                theirs["requests"] / theirs["seconds"],
-                            )
-                            if theirs
-                            else "-",
-                            ">= 0.8x nginx",
-                        )
-                    )
-                finally:
-                    if nginx is not None:
-                        nginx.terminate()
-                        nginx.wait(30)
-            finally:
-                serve.stop()
+        herd_rel = "conda-forge/linux-64/bench-herd-1.0-0.conda"
+        big_sha, _ = write_random_file(wl.root / big_rel, blob, seed=2, key="big")
+        herd_sha, _ = write_random_file(wl.root / herd_rel, herd_size, seed=3, key="herd")
+        for p in [wl.root, *wl.root.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        t0 = time.perf_counter()
+        with open(wl.root / big_rel, "rb") as fh:
+            hashlib.file_digest(fh, "sha256")
+        sha_s = (time.perf_counter() - t0) / (blob / (1 << 30))
+        items = [[a.url.replace("https://conda.anaconda.org", "{base}"), a.sha256, a.size] for a in wl.artifacts]
+        big_item = ["{base}/" + big_rel, big_sha, blob]
+        cold = herd = hits = {}
+        with upstream_at(wl.root, work, args.shaped) as (up, log, link):
+            if "cold" in sections:
+                cold = measure_cold(up, big_rel, big_sha, blob, work, repeat)
+            if "herd" in sections:
+                herd = measure_herd(up, log, herd_rel, herd_sha, herd_size, work, clients, repeat)
+            if "hits" in sections:
+                hits = measure_hits(wl.root, up, items, big_item, work, repeat)
+        print(report(cold or {"direct": []}, herd, hits, blob=blob, herd_size=herd_size, clients=clients,
+                     artifacts=len(items), link=link, sha_s=sha_s))
+        print(f"\n(python benchmarks/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}; "
+              f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')})")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-
-    print(f"\n### pixicache serve on loopback ({os.cpu_count()} CPUs, scale {scale})\n")
-    print("| measurement | pixicache serve | reference | ratio | goal |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-    for note in notes:
-        print(f"\nnote: {note}")
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "_client":
+    if len(sys.argv) > 2 and sys.argv[1] == "_client":
         client_main(sys.argv[2])
         sys.exit(0)
     sys.exit(main())

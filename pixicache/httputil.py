@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import re
 from typing import Union
 
@@ -74,8 +75,14 @@ def content_range_start(value: str | None) -> int | None:
 
 
 def http_date(timestamp: float) -> str:
-    """An IMF-fixdate (``Last-Modified`` format)."""
-    return email.utils.formatdate(timestamp, usegmt=True)
+    """An IMF-fixdate (``Last-Modified`` format), of the whole second (cached: a hit's
+    ``Last-Modified`` is formatted once per blob, not per request)."""
+    return _http_date(int(timestamp))
+
+
+@functools.lru_cache(maxsize=65536)
+def _http_date(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)
 
 
 def parse_http_date(value: str | None) -> float | None:

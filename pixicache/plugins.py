@@ -150,10 +150,11 @@ def _entry_points(group: str) -> list[tuple[metadata.EntryPoint, str]]:
     out: list[tuple[metadata.EntryPoint, str]] = []
     seen: set[tuple[str, str, str]] = set()
     for dist in metadata.distributions():
+        mine = [ep for ep in dist.entry_points if ep.group == group]
+        if not mine:
+            continue  # its METADATA is parsed only when it has one of ours (start-up time)
         name = dist.metadata["Name"] or "?"
-        for ep in dist.entry_points:
-            if ep.group != group:
-                continue
+        for ep in mine:
             key = (name.lower(), ep.name, ep.value)
             if key in seen:  # the same distribution found twice on sys.path
                 continue

@@ -728,3 +728,40 @@ def test_the_mirror_serves_the_single_file_agent_with_its_digest_as_etag(tmp_pat
     cfg = ServeConfig(cache_dir=tmp_path / "store", port=0, upstreams=[])
     with start_background(cfg) as srv:
         assert httpx.get(f"{srv.url}/agent/pixicache.pyz").status_code == 404
+
+
+def test_workers_share_one_port_and_fill_each_artifact_once(tmp_path, upstream, upstream_root):
+    """`serve --workers 2`: two processes on one port (SO_REUSEPORT) and one store; 16
+    concurrent cold requests reach upstream once (the store's flock spans processes)."""
+    import concurrent.futures
+    import re
+
+    data = os.urandom(3_000_000)
+    sha = put(upstream_root, PKG, data)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pixicache", "serve", "--workers", "2", "--port", "0",
+             "--cache-dir", str(tmp_path / "store"), "--only-upstreams",
+             "--upstream", f"conda-forge={upstream.channel_url()}", "--per-client", "0"],
+            stderr=err,
+        )  # fmt: skip
+    try:
+        deadline = time.time() + 30
+        while len(re.findall(r"listening on (\S+)", log.read_text())) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        urls = set(re.findall(r"listening on (\S+)", log.read_text()))
+        pids = set(re.findall(r"worker pid (\d+)", log.read_text()))
+        assert len(urls) == 1 and len(pids) == 2, log.read_text()
+        url = f"{urls.pop()}/{PKG}"
+
+        def fetch(_i: int) -> bytes:
+            return httpx.get(url, headers={"x-expected-sha256": sha}, timeout=60).content
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            bodies = list(pool.map(fetch, range(16)))
+        assert all(b == data for b in bodies)
+        assert upstream.count(UP_PATH) == 1
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0

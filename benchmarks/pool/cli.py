@@ -90,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run at most this many jobs at once (default: one per slot); on a machine with "
         "fewer cores than slots, = the core count keeps jobs from queueing for CPU",
     )
+    parser.add_argument(
+        "--shaped",
+        metavar="RATE",
+        default=None,
+        help="put the upstream behind a tc-tbf-shaped veth between two network namespaces "
+        "(a tc rate: 1gbit, 200mbit), so cold time-to-task reflects a WAN upstream (root)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the table")
     args = parser.parse_args(argv)
     cfg = PoolConfig(
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         users=args.users,
         wheelhouse=args.wheelhouse,
         pypi=args.pypi,
+        shaped=args.shaped,
         verbose=not args.quiet,
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -169,6 +169,7 @@ class PoolConfig:
     users: int = 1  # Unix users sharing each node store (> 1: setpriv uids, root only)
     wheelhouse: Path | None = None  # pinned wheels for a bundle that runs on worker_python
     pypi: bool = False  # the workload with PyPI wheels ([pypi-dependencies]) besides conda
+    shaped: str | None = None  # a tc rate ("1gbit"): the upstream behind a tbf-shaped veth (root)
 
 
 @dataclass
@@ -265,8 +266,6 @@ class Pool:
     """The simulated pool: servers, nodes, the scheduler and the faults (see :func:`run_pool`)."""
 
     def __init__(self, cfg: PoolConfig, work: Path, wl: PreparedWorkload, bundle: Any) -> None:
-        from pixicache.testing import UpstreamServer
-
         self.cfg = cfg
         self.work = work
         self.wl = wl
@@ -279,7 +278,20 @@ class Pool:
         if cfg.worker_python is not None:  # an EL9-like node: this is *the* python3 on PATH
             self.path = node_path(work / "node-bin", self.python)
             self.python_override = False
-        self.upstream = UpstreamServer(wl.root).start()
+        self._mounts: contextlib.ExitStack = contextlib.ExitStack()
+        self.link: Any = None
+        if cfg.shaped:
+            from netshape import ShapedLink, shaping_available
+
+            why = shaping_available()
+            if why:
+                raise SystemExit(f"benchmarks/pool: --shaped: {why}")
+            self.link = self._mounts.enter_context(ShapedLink(cfg.shaped))
+        try:
+            self.upstream = self._new_upstream(0)
+        except BaseException:
+            self._mounts.close()
+            raise
         self.upstream_port = self.upstream.port
         self.lock = wl.write_lock(work / "pixi.lock", self.upstream.url)
         self.mirror: ServeProcess | None = None
@@ -289,7 +301,6 @@ class Pool:
         self.running_lock = threading.Lock()
         self.log = print if cfg.verbose else (lambda *a, **k: None)
         self._cluster = 0
-        self._mounts: contextlib.ExitStack = contextlib.ExitStack()
         self.disk_full_mounted: bool | None = None
         self.after_job: list[Callable[[JobRun, Path], None]] = []
         self.evicted: set[tuple[int, int]] = set()  # (job, attempt) stopped by a fault
@@ -406,10 +417,20 @@ class Pool:
         self.upstream.stop()
 
     def start_upstream(self) -> None:
+        self.upstream.stop()
+        self.upstream = self._new_upstream(self.upstream_port)
+
+    def _new_upstream(self, port: int) -> Any:
+        """The counting upstream on ``port`` (0: any): on 127.0.0.1, or with ``--shaped``
+        inside the link's namespace, reached through the shaped veth."""
         from pixicache.testing import UpstreamServer
 
-        self.upstream.stop()
-        self.upstream = UpstreamServer(self.wl.root, port=self.upstream_port).start()
+        if self.link is None:
+            return UpstreamServer(self.wl.root, port=port).start()
+        link = self.link
+        return link.run_inside(
+            lambda: UpstreamServer(self.wl.root, host=link.upstream_ip, port=port).start()
+        )
 
     def close(self) -> None:
         for srv in self.node_serves:

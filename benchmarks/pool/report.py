@@ -25,7 +25,8 @@ def markdown_report(result: PoolResult) -> str:
         + ("; node-local serve" if cfg.node_serve else "")
         + ("; squid in front of the site mirror" if cfg.squid else "")
         + (f"; jobs on python {cfg.worker_python}" if cfg.worker_python else "")
-        + (f"; {cfg.users} Unix users per node store" if cfg.users > 1 else ""),
+        + (f"; {cfg.users} Unix users per node store" if cfg.users > 1 else "")
+        + (f"; upstream behind a {cfg.shaped} tbf-shaped link" if cfg.shaped else ""),
         "",
         "| phase | runs | exit 0 | upstream ÷ env | site mirror ÷ env | node fills (min-max) "
         "| node-store hits (min-max) | time-to-task p50 | p95 | max | agent ttt p50 | CPU/job p50 | wall |",

@@ -286,12 +286,12 @@ def _build_index_url(job: _Job) -> str | None:
     """Where an sdist's build requirements come from: the first mirror's PyPI index
     (``<mirror>/pypi/``), else the lock's own index when upstream is a source; ``None``
     (offline builds only) when the lock has no sdist or directory to build."""
-    from pixicache.sources.http import MirrorSource, UpstreamSource
-
     assert job.lock is not None
     packages = job.lock.packages(job.environment, job.platform)
     if not any(p.kind == "pypi" and not p.url.endswith(".whl") for p in packages):
         return None
+    from pixicache.sources.http import MirrorSource, UpstreamSource  # httpx: only if needed
+
     sources = job.sources.get()
     for source in sources:
         if isinstance(source, MirrorSource):

@@ -80,6 +80,13 @@ def setup_logging(quiet: bool = False) -> None:
     help="Seconds repodata is served before revalidation (60).",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Server processes on the one port (SO_REUSEPORT) and store (1; a mirror host of "
+    "its own: its core count).",
+)
+@click.option(
     "--max-connections",
     type=click.IntRange(1),
     default=None,
@@ -119,6 +126,7 @@ def serve_command(
     config_file: Path | None,
     token: str | None,
     repodata_ttl: float | None,
+    workers: int | None,
     max_connections: int | None,
     per_client: int | None,
     trusted_proxies: tuple[str, ...],
@@ -156,6 +164,7 @@ def serve_command(
             token=token,
             repodata_ttl=repodata_ttl,
             max_connections=max_connections,
+            workers=workers,
             per_client=per_client,
             trusted_proxies=list(trusted_proxies) or None,
             log_requests=False if quiet else None,

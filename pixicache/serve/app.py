@@ -67,7 +67,7 @@ from pixicache.serve.trust import BlobTrust
 from pixicache.serve.upstreams import UpstreamMap
 from pixicache.serve.writer import lock_mode
 from pixicache.store import Store, hash_file
-from pixicache.store.files import NotRegular, open_leaf
+from pixicache.store.files import NotRegular
 from pixicache.store.locking import FileLock, LockTimeout
 
 access_log = logging.getLogger("pixicache.serve.access")
@@ -129,6 +129,9 @@ class ServeApp:
         )
         self.pypi = PypiPages(self.repodata, self.upstreams)
         self.records = ChannelRecords(self.repodata, self._in_thread)
+        self._dirfds: dict[str, int] = {}  # fan-out directory -> an fd (see _open_blob)
+        self._hits = self.metrics.cache.labels("hit")
+        self._request_counters: dict[tuple[str, str, str], Any] = {}
         self.trust = BlobTrust(
             self.store, self._in_thread, lambda sha, why: self.metrics.refused.labels("bad_blob").inc()
         )
@@ -163,7 +166,7 @@ class ServeApp:
                 sock_read=cfg.upstream_read_timeout,
             ),
             auto_decompress=False,
-            read_bufsize=256 << 10,  # per upstream connection (aiohttp holds up to 2x)
+            read_bufsize=1 << 20,  # per upstream connection (aiohttp holds up to 2x)
             trust_env=cfg.trust_env,
             headers={"User-Agent": f"{USER_AGENT}/{__version__}"},
         )
@@ -296,7 +299,13 @@ class ServeApp:
                     self._per_client[client] = left
                 else:
                     del self._per_client[client]
-            self.metrics.requests.labels(request.method, ctx.route, str(status)).inc()
+            key = (request.method, ctx.route, str(status))
+            counter = self._request_counters.get(key)
+            if counter is None:
+                if len(self._request_counters) > 10_000:
+                    self._request_counters.clear()
+                counter = self._request_counters[key] = self.metrics.requests.labels(*key)
+            counter.inc()
             self.metrics.bytes_served.inc(ctx.bytes)
             if self.config.log_requests:
                 access_log.info(
@@ -459,7 +468,7 @@ class ServeApp:
             sha = known
         else:
             sha = expected or self._lookup_url(url)
-        if sha is not None and self.store.has(sha):
+        if sha is not None:  # a hit if the blob is there (no lstat first: the open says)
             resp = await self._serve_hit(request, ctx, sha, url, warm=warm)
             if resp is not None:
                 return resp
@@ -556,8 +565,8 @@ class ServeApp:
         """Send a committed blob (``None``: it vanished meanwhile (evicted), or it is not
         the digest's bytes any more, or something else stands at its path: a miss)."""
         try:
-            fd = open_leaf(self.store.path_for(sha))
-        except FileNotFoundError:
+            fd = self._open_blob(sha)
+        except (FileNotFoundError, NotADirectoryError):
             self._url_index.pop(url or "", None)
             return None
         except NotRegular as exc:  # a planted link or special file: never followed
@@ -570,16 +579,18 @@ class ServeApp:
             os.close(fd)
             self._url_index.pop(url or "", None)
             return None
-        pin = FileLock(
-            self.store.lock_dir / f"{sha}.lock", shared=True, timeout=0, mode=lock_mode(self.store)
-        )
-        with contextlib.suppress(LockTimeout, OSError):
-            pin.acquire()  # gc skips pinned blobs; if it holds the lock now, the fd still reads
+        st = os.fstat(fd)
+        pin = None
+        if st.st_size > SMALL_BODY:  # a long send: gc skips pinned blobs (a small one is read at once)
+            pin = FileLock(
+                self.store.lock_dir / f"{sha}.lock", shared=True, timeout=0, mode=lock_mode(self.store)
+            )
+            with contextlib.suppress(LockTimeout, OSError):
+                pin.acquire()  # if gc holds the lock now, the open fd still reads
         try:
             with os.fdopen(fd, "rb", buffering=0) as fobj:
-                st = os.fstat(fobj.fileno())
                 ctx.cache = "hit"
-                self.metrics.cache.labels("hit").inc()
+                self._hits.inc()
                 # last use, for LRU eviction. Never the URL: a client's x-expected-sha256
                 # must not teach the index what a URL holds (only verified fills do)
                 self._touches[sha] = (st.st_size, None)
@@ -598,7 +609,46 @@ class ServeApp:
                     extra={"x-pixicache-cache": "hit"},
                 )
         finally:
-            pin.release()
+            if pin is not None:
+                pin.release()
+
+    def _open_blob(self, sha: str) -> int:
+        """Open a blob for reading, never through a link: relative to its fan-out
+        directory, opened (once per process, without following a link) and kept; a
+        stale one (the directory was replaced) is opened afresh once."""
+        import errno
+        import stat as _stat
+
+        sub = sha[:2]
+        for attempt in (0, 1):
+            dfd = self._dirfds.get(sub)
+            if dfd is None:
+                try:
+                    dfd = os.open(
+                        self.store.blob_dir / sub,
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    )
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise NotRegular(self.store.blob_dir / sub, "a link, not a directory") from None
+                    raise
+                self._dirfds[sub] = dfd
+            try:
+                fd = os.open(sha, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                break
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                os.close(self._dirfds.pop(sub))
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise NotRegular(self.store.path_for(sha), "a symbolic link") from None
+                raise
+        mode = os.fstat(fd).st_mode
+        if not _stat.S_ISREG(mode):
+            os.close(fd)
+            raise NotRegular(self.store.path_for(sha), "not a regular file")
+        return fd
 
     async def _send_file(
         self,

@@ -190,6 +190,10 @@ class ServeConfig:
             the read timeout applies between two reads of the body.
         upstream_connections: concurrent connections to all upstreams together.
         shutdown_timeout: seconds a graceful shutdown waits for running responses.
+        workers: server processes, each with its own event loop, on one port
+            (``SO_REUSEPORT``: the kernel spreads connections) and one store (its
+            ``flock`` locks keep fills single-flight across them). Default 1; on a
+            mirror host of its own, the number of cores.
         max_path: longest request target accepted (longer: 414).
         max_header_size: longest request header line accepted (longer: 400).
         log_requests: log one line per request on ``pixicache.serve.access``.
@@ -215,6 +219,8 @@ class ServeConfig:
     upstream_connections: int = 64
     max_artifact_size: int = 64 << 30  # a body of unknown size is cut off beyond this
     shutdown_timeout: float = 30.0
+    workers: int = 1  # server processes sharing the port (SO_REUSEPORT) and the store
+    _reuse_port: bool = field(default=False, repr=False)  # a worker of several (runner)
     max_path: int = 1024
     max_header_size: int = 8190
     log_requests: bool = True
@@ -229,7 +235,7 @@ class ServeConfig:
             raise ConfigError(f"upstream {', '.join(dupes)} is configured more than once")
         if self.max_size is not None and self.max_size < 0:
             raise ConfigError("max_size must be positive")
-        for name in ("max_connections", "max_path", "max_header_size", "upstream_connections"):
+        for name in ("max_connections", "max_path", "max_header_size", "upstream_connections", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.per_client < 0:
@@ -255,6 +261,7 @@ class ServeConfig:
 
 _INT_KEYS = (
     "port",
+    "workers",
     "max_connections",
     "per_client",
     "max_path",

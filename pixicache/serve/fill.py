@@ -6,7 +6,7 @@ while it runs join it (*coalesced*). The fill writes a partial file; each
 waiter tails that file up to the fill's current offset (``sendfile`` from the
 page cache), waking when the fill advances, so waiters get bytes as they
 arrive and a waiter that joins late starts from the first byte. Memory stays
-flat: at most :data:`HIGH_WATER` bytes per fill, and :data:`BUFFER_BUDGET`
+flat: at most two batches (:data:`BATCH`) per fill, and :data:`BUFFER_BUDGET`
 bytes for all fills together, wait between the network and the disk.
 
 Nothing unverified looks complete: a waiter holds back the last byte of what
@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -46,8 +48,14 @@ from pixicache.store.locking import FileLock, LockTimeout
 
 log = logging.getLogger("pixicache.serve")
 
-HIGH_WATER = 4 << 20
-"""Bytes one fill holds in memory (read, not yet written and hashed) before it stops reading."""
+BATCH = 1 << 20
+"""The most body bytes handed to the write-and-hash lane at once."""
+
+LOW_WATER = 1 << 20
+"""Bytes the kernel gathers on an upstream socket before the event loop is woken."""
+
+FLUSH_S = 0.02
+"""A batch waits at most this long for more bytes before it is handed on (streaming)."""
 
 BUFFER_BUDGET = 64 << 20
 """Bytes all fills together hold in memory before they stop reading (flat RSS under a herd)."""
@@ -195,6 +203,39 @@ class Fill:
 
 def fill_key(url: str, expected: str | None) -> str:
     return f"sha256:{expected}" if expected else f"url:{url}"
+
+
+class _LowWater:
+    """Ask the kernel to report the upstream socket readable only once enough bytes are
+    there (``SO_RCVLOWAT``): what the link delivers in :data:`FLUSH_S` at the rate seen
+    so far, between 64 KiB and :data:`LOW_WATER`. A link that delivers a few KB at a
+    time then wakes the event loop once per batch, not once per packet train, and a
+    slow one still streams (the first bytes are never held back long). Never more than
+    what remains of a body of known length, so the last bytes of a keep-alive response
+    are never waited for."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, total: int | None, start: int) -> None:
+        self.sock = None
+        self.total, self.start, self.set_to = total, start, 1
+        self.t0 = time.monotonic()
+        if total is None or not hasattr(socket, "SO_RCVLOWAT"):
+            return
+        transport = resp.connection.transport if resp.connection is not None else None
+        self.sock = transport.get_extra_info("socket") if transport is not None else None
+
+    def update(self, content: aiohttp.StreamReader) -> None:
+        if self.sock is None or self.total is None:
+            return
+        got = content.total_bytes
+        left = self.total - self.start - got  # still in the kernel or on the wire
+        rate = got / max(time.monotonic() - self.t0, 1e-3)
+        want = max(1, min(LOW_WATER, max(64 << 10, int(rate * FLUSH_S)), left))
+        if want != self.set_to:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                self.set_to = want
+            except OSError:
+                self.sock = None
 
 
 class FillManager:
@@ -627,96 +668,91 @@ class FillManager:
     async def _pump(self, fill: Fill, writer: FillWriter, resp: aiohttp.ClientResponse) -> None:
         """Copy the body into the partial file while reading the next bytes.
 
-        Two lanes run in worker threads, each taking every chunk queued since
-        its last job: one appends to the file (``pwritev``, no copy) and
-        advances the fill (waking its waiters), the other hashes. Both release
-        the GIL, so reading, writing and hashing overlap. At most
-        :data:`HIGH_WATER` bytes wait for a lane; beyond that, reading pauses
-        (TCP backpressure to upstream).
+        The body is read in batches of up to :data:`BATCH` bytes (what has arrived,
+        gathered without copying; a batch is handed on at the latest :data:`FLUSH_S`
+        after its first byte, so a slow link still streams). One lane, in a worker
+        thread, writes each batch (``pwritev``) and hashes the same buffers, then the
+        fill advances and its waiters are woken: one thread hop and one wake-up per
+        batch, not per network chunk. While the lane works the next batch is read;
+        beyond one batch in flight and one being read, reading waits (TCP
+        backpressure to upstream), and all fills together hold at most
+        :data:`BUFFER_BUDGET` bytes.
         """
         loop = asyncio.get_running_loop()
-        room = asyncio.Event()
-        room.set()
-        waiting = {"write": 0, "hash": 0}
-        held = [0]  # this fill's share of self.buffered
-
-        def rebalance() -> None:
-            now = max(waiting.values())
-            self.buffered += now - held[0]
-            held[0] = now
-            if now < HIGH_WATER // 2:
-                room.set()
-            if self.buffered < BUFFER_BUDGET // 2:
-                self._budget().set()
-
-        async def lane(
-            name: str, queue: asyncio.Queue[bytes | None], work: Callable[[list[bytes]], Any]
-        ) -> None:
-            ended = False
-            while not ended:
-                item = await queue.get()
-                if item is None:
-                    return
-                chunks = [item]
-                while not queue.empty() and len(chunks) < 256:
-                    nxt = queue.get_nowait()
-                    if nxt is None:
-                        ended = True
-                        break
-                    chunks.append(nxt)
-                result = await loop.run_in_executor(self.executor, work, chunks)
-                size = sum(len(c) for c in chunks)
-                if name == "write":  # the bytes are readable: wake the waiters
-                    self.metrics.upstream_bytes.inc(size)
-                    fill.offset = max(fill.offset, result)
-                    fill._notify()
-                waiting[name] -= size
-                rebalance()
-
-        write_q: asyncio.Queue[bytes | None] = asyncio.Queue()
-        hash_q: asyncio.Queue[bytes | None] = asyncio.Queue()
-        lanes = [
-            loop.create_task(lane("write", write_q, writer.append)),
-            loop.create_task(lane("hash", hash_q, writer.hash_chunks)),
-        ]
-        for task in lanes:
-            task.add_done_callback(lambda _t: room.set())
         content = resp.content
         received = writer.offset
+        lane: asyncio.Future[int] | None = None
+        lowat = _LowWater(resp, fill.total, writer.offset)
         try:
             while True:
-                for task in lanes:
-                    if task.done():
-                        task.result()  # a lane failed (disk full): raise it here
-                        raise RuntimeError("a fill lane ended early")
-                chunk = await content.readany()
-                if not chunk:
+                lowat.update(content)
+                parts, size, broken = await self._batch(content, loop)
+                if not size:
+                    if broken is not None:
+                        raise broken
                     break
-                received += len(chunk)
+                received += size
                 self._check_limit(fill, received)
-                waiting["write"] += len(chunk)
-                waiting["hash"] += len(chunk)
-                rebalance()
-                write_q.put_nowait(chunk)
-                hash_q.put_nowait(chunk)
-                if max(waiting.values()) >= HIGH_WATER:
-                    room.clear()
-                    await room.wait()
-                while self.buffered >= BUFFER_BUDGET and held[0]:
-                    # all fills together hold too much: wait for the disk to catch up
+                if lane is not None:  # one batch in flight at a time (raises a lane's error)
+                    await lane
+                    lane = None
+                while self.buffered >= BUFFER_BUDGET:
                     budget = self._budget()
                     budget.clear()
                     await budget.wait()
+                self.buffered += size
+                lane = loop.run_in_executor(self.executor, writer.write_batch, parts)
+                lane.add_done_callback(functools.partial(self._advance, fill, size))
+                if broken is not None:  # what arrived before the break is kept (a resume)
+                    await lane
+                    raise broken
         finally:
-            # let the lanes finish what they have (every byte that arrived is kept,
-            # so a later fill can resume after it); never close the writer under them
-            write_q.put_nowait(None)
-            hash_q.put_nowait(None)
-            outcomes = await asyncio.shield(asyncio.gather(*lanes, return_exceptions=True))
-            waiting["write"] = waiting["hash"] = 0
-            rebalance()
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+            # let the lane finish what it has (every byte that arrived is kept, so a
+            # later fill can resume after it); never close the writer under it
+            if lane is not None:
+                await asyncio.shield(asyncio.gather(lane, return_exceptions=True))
+        if lane is not None:
+            lane.result()
         fill.offset = writer.offset
+        fill._notify()
+
+    async def _batch(
+        self, content: aiohttp.StreamReader, loop: asyncio.AbstractEventLoop
+    ) -> tuple[list[bytes], int, BaseException | None]:
+        """The next batch of the body: chunks as they arrived, up to :data:`BATCH` bytes,
+        no later than :data:`FLUSH_S` after the first (``([], 0, None)`` at the end), and
+        the error that broke the body off after them, if one did (the caller keeps
+        the bytes, then raises it)."""
+        first = await content.readany()
+        if not first:
+            return [], 0, None
+        parts, size = [first], len(first)
+        deadline = loop.time() + FLUSH_S
+        while size < BATCH:
+            more = content.read_nowait(BATCH - size)  # what is buffered already
+            if not more:
+                if content.at_eof() or loop.time() >= deadline:
+                    break
+                try:
+                    more = await asyncio.wait_for(content.readany(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+                except (aiohttp.ClientError, ConnectionError) as exc:
+                    return parts, size, exc
+                if not more:
+                    break
+            parts.append(more)
+            size += len(more)
+        return parts, size, None
+
+    def _advance(self, fill: Fill, size: int, lane: asyncio.Future[int]) -> None:
+        """A batch is on disk and hashed: the waiters may read it (a lane's error is
+        raised where the pump awaits the lane)."""
+        self.buffered -= size
+        if self.buffered < BUFFER_BUDGET // 2:
+            self._budget().set()
+        if lane.cancelled() or lane.exception() is not None:
+            return
+        self.metrics.upstream_bytes.inc(size)
+        fill.offset = max(fill.offset, lane.result())
         fill._notify()

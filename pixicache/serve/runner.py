@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -140,7 +141,10 @@ class ServeServer:
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            self._runner, cfg.host, cfg.port, backlog=1024, reuse_address=True,
+            reuse_port=True if (cfg.workers > 1 or cfg._reuse_port) else None,
+        )  # fmt: skip
         try:
             await site.start()
         except OSError:
@@ -250,15 +254,21 @@ def start_background(
 
 
 def run_server(config: ServeConfig) -> None:
-    """Serve in the foreground until SIGTERM/SIGINT, then shut down gracefully."""
+    """Serve in the foreground until SIGTERM/SIGINT, then shut down gracefully; with
+    ``config.workers`` > 1, in that many processes on one port (:func:`_run_workers`)."""
+    if config.workers > 1:
+        _run_workers(config)
+        return
 
     async def main() -> None:
         server = ServeServer(config)
         await server.start()
         names = ", ".join(f"{u.name}={u.url}" for u in config.upstreams)
+        worker = f"; worker pid {os.getpid()}" if config._reuse_port else ""
         log.info(
-            "listening on %s (store %s; upstreams %s)", server.url, server.app.store.root, names
-        )
+            "listening on %s (store %s; upstreams %s%s)",
+            server.url, server.app.store.root, names, worker,
+        )  # fmt: skip
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -272,3 +282,51 @@ def run_server(config: ServeConfig) -> None:
         log.info("stopped")
 
     asyncio.run(main())
+
+
+def _run_workers(config: ServeConfig) -> None:
+    """``config.workers`` server processes on one port: the port is reserved here first
+    (a bound, never listening ``SO_REUSEPORT`` socket, so ``--port 0`` works), each
+    worker is forked before any thread or event loop exists and binds it too, and
+    SIGTERM/SIGINT are passed on; the first worker to exit with an error ends all."""
+    import socket as _socket
+
+    family = _socket.AF_INET6 if ":" in config.host else _socket.AF_INET
+    reserve = _socket.socket(family, _socket.SOCK_STREAM)
+    reserve.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+    reserve.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
+    reserve.bind((config.host, config.port))
+    port = reserve.getsockname()[1]
+    worker_config = config.replace(port=port)
+    children: list[int] = []
+    for _ in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # a worker
+            reserve.close()
+            code = 0
+            try:
+                run_server(worker_config.replace(workers=1, _reuse_port=True))
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = 0
+    while children:
+        pid, status = os.wait()
+        if pid in children:
+            children.remove(pid)
+            if os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT):
+                code = 1
+                forward(signal.SIGTERM, None)
+    reserve.close()
+    if code:
+        raise SystemExit(code)

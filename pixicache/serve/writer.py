@@ -162,6 +162,13 @@ class FillWriter:
             if self._md5 is not None:
                 self._md5.update(chunk)
 
+    def write_batch(self, chunks: Sequence[bytes | bytearray | memoryview]) -> int:
+        """:meth:`append` then :meth:`hash_chunks` the same buffers (one thread hop per
+        batch); returns the new offset."""
+        offset = self.append(chunks)
+        self.hash_chunks(chunks)
+        return offset
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append and hash ``data``; raises :class:`StoreFull` on ENOSPC/EDQUOT."""
         self.append([data])
