@@ -5,7 +5,9 @@ For each ``--scale``, :func:`pixicache.testing.make_package_workload` builds
 installable packages whose payload sizes are the shared GPU lock's (121
 packages, 3.7 GB at scale 1.0) times the scale, and their lock; an
 :class:`~pixicache.testing.UpstreamServer` serves them as the local mirror.
-Then, each as a fresh process, as a job runs it:
+Then, each as a fresh process, as a job runs it (``python -I pixicache.pyz``, the
+single-file agent built once from this interpreter's packages, unpacked on the first
+start as on a node):
 
 ``cold``
     ``pixicache install`` with an empty node store and package cache: fetch
@@ -13,19 +15,19 @@ Then, each as a fresh process, as a job runs it:
 ``warm``
     ``pixicache install`` in a fresh working directory on the same node: the
     store and the package cache are warm (every artifact a store hit, no
-    request), only the prefix is new. Best of ``--repeat``.
+    request), only the prefix is new.
 ``rattler``
-    a plain py-rattler process doing the same install: start the interpreter,
-    import rattler, read the lock, ``rattler.install`` its records into a fresh
-    prefix with the same warm package cache. Wall time of the whole process, as
-    for ``pixicache`` (like for like). Best of ``--repeat``.
+    a plain py-rattler process doing the same install: start the interpreter
+    (``python -I`` as well), import rattler, read the lock, ``rattler.install`` its
+    records into a fresh prefix with the same warm package cache.
 ``no-op``
     ``pixicache install`` again in a workspace whose prefix is current (what a
     job re-run on the node pays), wall time of the process and the agent's own.
 
-``ratio`` is warm / rattler (the goal: <= 1.3; reported, not asserted). Wall times
-include the interpreter start of both (what a job sees); ``agent`` is the time the
-agent itself reports.
+``warm`` and ``rattler`` alternate ``--repeat`` times; the table gives the best of
+each, and ``ratio`` is warm / rattler (the goal: <= 1.3; reported, not asserted).
+Wall times include the interpreter start of both (what a job sees); ``agent`` is the
+time the agent itself reports.
 
     python benchmarks/agent.py --scale 0.01 --scale 0.1
 """
@@ -58,13 +60,6 @@ platforms = ["{platform}"]
 noop = "true"
 """
 
-_SHIM = (
-    "from pixicache.cli import main\n"
-    "from pixicache.cli.agent import install_command, run_command\n"
-    "main.commands.setdefault('install', install_command)\n"
-    "main.commands.setdefault('run', run_command)\n"
-    "main(prog_name='pixicache')\n"
-)
 
 PLAIN = r"""
 import asyncio, json, os, sys, time
@@ -85,30 +80,45 @@ os._exit(0)
 """
 
 
-def cli() -> list[str]:
-    from pixicache.cli import main
+class Agent:
+    """The single-file agent as a job runs it: ``python -I pixicache.pyz``, unpacked
+    under ``home`` (the first start unpacks, as a node's first job does)."""
 
-    if "install" in main.commands:
-        return [sys.executable, "-m", "pixicache"]
-    return [sys.executable, "-c", _SHIM]
+    def __init__(self, base: Path) -> None:
+        from pixicache.bundle.build import build_bundle
+
+        self.pyz = base / "pixicache.pyz"
+        build_bundle(self.pyz, source="installed", compresslevel=1)
+        self.env = {**os.environ, "PIXICACHE_BUNDLE_DIR": str(base / "bundles")}
+        self.env.pop("PIXICACHE_SOURCES", None)
+
+    def install(self, ws: Path, store: Path, mirror: str) -> dict[str, Any]:
+        argv = [
+            sys.executable,
+            "-I",
+            str(self.pyz),
+            "--cache-dir",
+            str(store),
+            "install",
+            "--source",
+            f"mirror={mirror}",
+        ]
+        t = time.perf_counter()
+        proc = subprocess.run(argv, cwd=ws, capture_output=True, text=True, env=self.env)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"pixicache install failed ({proc.returncode}):\n{proc.stderr}")
+        report = json.loads((ws / "pixicache-report.json").read_text())
+        return {"wall": wall, "agent": report["seconds"], "report": report}
 
 
-def agent_install(ws: Path, store: Path, mirror: str) -> dict[str, Any]:
-    argv = [*cli(), "--cache-dir", str(store), "install", "--source", f"mirror={mirror}"]
-    t = time.perf_counter()
-    proc = subprocess.run(argv, cwd=ws, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"pixicache install failed ({proc.returncode}):\n{proc.stderr}")
-    report = json.loads((ws / "pixicache-report.json").read_text())
-    return {"wall": wall, "agent": report["seconds"], "report": report}
-
-
-def plain_install(lock: Path, env: str, platform: str, prefix: Path, cache: Path) -> tuple[float, float]:
+def plain_install(
+    lock: Path, env: str, platform: str, prefix: Path, cache: Path
+) -> tuple[float, float]:
     """(wall time of the whole plain process, seconds inside rattler.install)."""
     t = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN, str(lock), env, platform, str(prefix), str(cache)],
+        [sys.executable, "-I", "-c", PLAIN, str(lock), env, platform, str(prefix), str(cache)],
         capture_output=True,
         text=True,
     )
@@ -130,22 +140,29 @@ def bench(scale: float, base: Path, repeat: int) -> dict[str, Any]:
     wl = make_package_workload(base / "workload", scale=scale)
     build = time.perf_counter() - t
     store = base / "node-store"
+    agent = Agent(base)
     with UpstreamServer(wl.root) as srv:
-        cold = agent_install(workspace(base / "cold", wl.lock_path, wl.platform), store, srv.url)
+        cold = agent.install(workspace(base / "cold", wl.lock_path, wl.platform), store, srv.url)
         requests_cold = len(srv.requests)
         srv.reset_log()
-        warm = [
-            agent_install(workspace(base / f"warm{i}", wl.lock_path, wl.platform), store, srv.url)
-            for i in range(repeat)
-        ]
+        warm, plain = [], []
+        for i in range(repeat):  # alternating, so both see the same machine
+            warm.append(
+                agent.install(
+                    workspace(base / f"warm{i}", wl.lock_path, wl.platform), store, srv.url
+                )
+            )
+            plain.append(
+                plain_install(
+                    wl.lock_path,
+                    wl.environment,
+                    wl.platform,
+                    base / f"plain{i}" / "env",
+                    store / "pkgs",
+                )
+            )
         requests_warm = len(srv.requests)
-        noop = [agent_install(base / "warm0", store, srv.url) for _ in range(repeat)]
-    plain = [
-        plain_install(
-            wl.lock_path, wl.environment, wl.platform, base / f"plain{i}" / "env", store / "pkgs"
-        )
-        for i in range(repeat)
-    ]
+        noop = [agent.install(base / "warm0", store, srv.url) for _ in range(repeat)]
     best_warm = min(w["wall"] for w in warm)
     best_plain = min(p[0] for p in plain)
     return {

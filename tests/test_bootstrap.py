@@ -356,6 +356,39 @@ def test_bundle_runs_isolated_with_no_site_packages(
     assert info["sys_path"][0] == str(home / "site")
 
 
+def test_an_interpreter_that_writes_no_bytecode_gets_it_written_once(
+    bundle: BundleInfo, job_python: JobPython, tmp_path: Path
+) -> None:
+    """With PYTHONDONTWRITEBYTECODE (or -B) Python would compile every module at every
+    start: the bundle writes its bytecode once, into its own unpacked tree."""
+    root = tmp_path / "bundles"
+    env = {
+        "PATH": JOB_PATH,
+        "HOME": str(tmp_path),
+        "PIXICACHE_BUNDLE_DIR": str(root),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    first = run_bundle(job_python.path, bundle.path, "--version", env=env, flags=("-S",))
+    assert first.returncode == 0, first.stderr
+    assert "wrote the bundle's bytecode" in first.stderr
+    tag = subprocess.run(
+        [job_python.path, "-I", "-c", "import sys; print(sys.implementation.cache_tag)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    site = root / bundle.build_id / "site"
+    assert (site / f".pixicache-compiled-{tag}").is_file()
+    assert list((site / "pixicache" / "cli" / "__pycache__").glob(f"__init__.{tag}.pyc"))
+    again = run_bundle(job_python.path, bundle.path, "--version", env=env, flags=("-S",))
+    assert again.returncode == 0 and "bytecode" not in again.stderr, again.stderr
+    # an interpreter that writes its own bytecode is left to do so lazily
+    other = tmp_path / "other"
+    env2 = {**env, "PIXICACHE_BUNDLE_DIR": str(other)}
+    del env2["PYTHONDONTWRITEBYTECODE"]
+    proc = run_bundle(job_python.path, bundle.path, "--version", env=env2, flags=("-S",))
+    assert proc.returncode == 0 and "bytecode" not in proc.stderr, proc.stderr
+    assert not (other / bundle.build_id / "site" / f".pixicache-compiled-{tag}").exists()
+
+
 def test_bundle_unpacks_once_when_jobs_start_together(
     bundle: BundleInfo, job_python: JobPython, tmp_path: Path
 ) -> None:

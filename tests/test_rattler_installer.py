@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,6 +56,18 @@ def _request(workspace: Path, lock_path: Path, store: Store) -> InstallRequest:
         store=store,
         package_cache=store.root / "pkgs",
     )
+
+
+def _hello_data_101(root: Path) -> Any:
+    """The demo channel with hello-data 1.0.1 (another greeting): one package changed."""
+    specs = []
+    for spec in demo_channel_specs():
+        if spec.name == "hello-data":
+            files = dict(spec.files)
+            files["share/hello-data/greeting.txt"] = "Hello from version 1.0.1!\n"
+            spec = dataclasses.replace(spec, version="1.0.1", files=files)
+        specs.append(spec)
+    return build_channel(root, specs)
 
 
 @pytest.fixture
@@ -119,14 +132,7 @@ def test_changed_lock_updates_only_what_changed(tmp_path, store, demo_lock):
     hello = req.prefix / "bin" / "hello"
     before = os.stat(hello)
     # the same channel with hello-data 1.0.1 (other greeting): only that package changes
-    specs = []
-    for spec in demo_channel_specs():
-        if spec.name == "hello-data":
-            files = dict(spec.files)
-            files["share/hello-data/greeting.txt"] = "Hello from version 1.0.1!\n"
-            spec = dataclasses.replace(spec, version="1.0.1", files=files)
-        specs.append(spec)
-    v2 = build_channel(tmp_path / "v2", specs)
+    v2 = _hello_data_101(tmp_path / "v2")
     v2_lock = v2.write_lock(tmp_path / "v2.lock")
     shutil.copy(v2_lock, req.workspace / "pixi.lock")
     req2 = _request(req.workspace, req.workspace / "pixi.lock", store)
@@ -234,3 +240,67 @@ def test_conda_source_packages_are_refused_by_name(tmp_path, store, demo_channel
     with pytest.raises(InstallError, match=r"conda source package\(s\) that must be built: my-project \(\.\)"):
         RattlerInstaller().install(req)
     assert not (req.prefix / "conda-meta").exists()  # refused before anything was linked
+
+
+# -- the child started ahead of need (pixicache.agent.ahead) -------------------------------
+
+
+def test_a_child_started_ahead_installs_from_the_lock_it_read_ahead(tmp_path, store, demo_lock):
+    from pixicache.backends.rattler.process import start_ahead
+
+    req = _request(tmp_path / "job", demo_lock, store)
+    assert start_ahead(req.workspace / "pixi.lock")
+    result = RattlerInstaller().install(req)
+    assert "py-rattler child started ahead of need (the lock read ahead)" in result.notes
+    state = read_state(req.prefix)
+    assert state is not None and len(state["packages"]) == 4
+    assert f'prefix="{req.prefix}"' in (req.prefix / "bin" / "hello").read_text()
+
+
+def test_a_lock_replaced_after_the_read_ahead_is_read_again(tmp_path, store, demo_lock):
+    """The child parsed pixi.lock before the agent looked at it; the file changed in
+    between: the child installs what the file says now, never what it read ahead."""
+    import time
+
+    from pixicache.backends.rattler.process import start_ahead
+
+    workspace = tmp_path / "job"
+    workspace.mkdir()
+    shutil.copy(demo_lock, workspace / "pixi.lock")
+    assert start_ahead(workspace / "pixi.lock")
+    time.sleep(3)  # the child has imported py-rattler and read the lock by now
+    v2 = _hello_data_101(tmp_path / "v2")
+    shutil.copy(v2.write_lock(tmp_path / "v2.lock"), workspace / "pixi.lock")
+    req = _request(workspace, workspace / "pixi.lock", store)
+    _fill(store, v2.root, req.lock)
+    result = RattlerInstaller().install(req)
+    assert "py-rattler child started ahead of need" in result.notes
+    greeting = req.prefix / "share" / "hello-data" / "greeting.txt"
+    assert greeting.read_text() == "Hello from version 1.0.1!\n"
+
+
+def test_a_child_started_ahead_and_never_used_ends_with_the_agent(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "from pixicache.backends.rattler import process\n"
+        "assert process.start_ahead()\n"
+        "print(process._AHEAD[0].pid, flush=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split()[2] == "Z":
+                    break  # exited (a zombie of init until reaped)
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the unused py-rattler child {pid} is still running")

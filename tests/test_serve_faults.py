@@ -608,3 +608,35 @@ def test_sigterm_finishes_running_responses_and_refuses_new_ones(tmp_path, upstr
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_bytes_that_arrived_with_the_break_are_kept_for_the_resume():
+    """When the rest of a body and the connection's end arrive in one read, aiohttp has
+    the error set before the pump reads the bytes: the batch still holds them, so the
+    partial file (and the resume's Range) starts where the upstream stopped."""
+    import asyncio
+    from unittest import mock
+
+    import aiohttp
+    from aiohttp.streams import StreamReader
+
+    from pixicache.serve.fill import FillManager
+
+    async def scenario(first: bytes | None) -> tuple[int, BaseException | None]:
+        loop = asyncio.get_running_loop()
+        reader = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=loop)
+        if first is not None:
+            reader.feed_data(first)
+        reader.feed_data(b"b" * 600_000)
+        reader.set_exception(aiohttp.ClientPayloadError("not enough data for Content-Length"))
+        total, broken = 0, None
+        while broken is None:
+            parts, size, broken = await FillManager._batch(None, reader, loop)  # type: ignore[arg-type]
+            assert size == sum(len(p) for p in parts)
+            total += size
+        return total, broken
+
+    for first in (None, b"a" * 1000):
+        total, broken = asyncio.run(scenario(first))
+        assert isinstance(broken, aiohttp.ClientPayloadError)
+        assert total == 600_000 + (len(first) if first else 0)

@@ -54,6 +54,13 @@ class AgentOptions:
         return replace(self, **changes)
 
     @property
+    def may_use_rattler(self) -> bool:
+        """Whether the rattler installer may run: asked for, or ``auto`` with no Pixi given."""
+        return self.installer == "rattler" or (
+            self.installer == "auto" and self.pixi is None and self.trust_pixi is None
+        )
+
+    @property
     def wants_pixi(self) -> bool:
         """Whether a Pixi binary may be involved at all (``auto``/``pixi``, or one was given)."""
         return (

@@ -213,7 +213,7 @@ def _preflight(job: _Job) -> None:
     from pixicache.agent.preflight import preflight
 
     assert job.lock is not None
-    missing = job.missing()
+    missing = job.plan.missing if job.plan is not None else []  # as the plan just found it
     report = preflight(
         job.lock,
         job.environment,

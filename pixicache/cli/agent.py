@@ -58,6 +58,9 @@ def _agent_options(func: Callable[..., None]) -> Callable[..., None]:
             platform=platform,
             preflight=not no_preflight,
         )
+        from pixicache.agent.ahead import start_installer_ahead
+
+        start_installer_ahead(options, kwargs["manifest"])
         func(*args, options=options, **kwargs)
 
     options = [

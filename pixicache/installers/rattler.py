@@ -366,6 +366,11 @@ class RattlerInstaller:
             notes.append(
                 f"verified {len(answer['verified'])} cache entr(ies) extracted by another tool"
             )
+        if answer.get("ahead"):
+            notes.append(
+                "py-rattler child started ahead of need"
+                + (" (the lock read ahead)" if answer["ahead"].get("lock_read_ahead") else "")
+            )
         if answer.get("timings"):
             notes.append(
                 "py-rattler child (s): "

@@ -285,6 +285,8 @@ class Lock:
         # (env, platform) -> packages, every reference resolved (and checked) once
         self._resolved: dict[tuple[str, str], list[LockedPackage]] = {}
         self._resolve_all()
+        # (env, platform, require_sha256) -> artifacts: the lock is immutable once read
+        self._artifacts: dict[tuple[str | None, str | None, bool], list[Artifact]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -403,6 +405,16 @@ class Lock:
                 artifact has no SHA-256 (the message names file, environment,
                 platform and URL).
         """
+        memo = self._artifacts.get((env, platform, require_sha256))
+        if memo is None:
+            memo = self._artifacts[(env, platform, require_sha256)] = self._collect_artifacts(
+                env, platform, require_sha256
+            )
+        return list(memo)
+
+    def _collect_artifacts(
+        self, env: str | None, platform: str | None, require_sha256: bool
+    ) -> list[Artifact]:
         envs = self.environments() if env is None else [self._env(env).locked.name]
         selected: list[tuple[str, str]] = []
         for name in envs:

@@ -205,6 +205,26 @@ def fill_key(url: str, expected: str | None) -> str:
     return f"sha256:{expected}" if expected else f"url:{url}"
 
 
+def _buffered_before_error(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body bytes that arrived before the error that broke the body off (a
+    connection closed short of Content-Length, a reset).
+
+    aiohttp raises a body's error before it hands out what it had buffered ahead of
+    it (the whole rest of the body when both came in one read, which a raised
+    ``SO_RCVLOWAT`` makes likely). Those bytes are the body's, in order: kept, they
+    let the resume start where the upstream stopped; the final digest check judges
+    them with the rest. Read through the reader's own unchecked read (no public one
+    exists); an aiohttp without it loses them, which only costs a longer resume.
+    """
+    read = getattr(content, "_read_nowait", None)
+    if read is None:
+        return b""
+    try:
+        return bytes(read(limit))
+    except Exception:  # a reader in a state it cannot read from: nothing kept
+        return b""
+
+
 class _LowWater:
     """Ask the kernel to report the upstream socket readable only once enough bytes are
     there (``SO_RCVLOWAT``): what the link delivers in :data:`FLUSH_S` at the rate seen
@@ -723,24 +743,33 @@ class FillManager:
         no later than :data:`FLUSH_S` after the first (``([], 0, None)`` at the end), and
         the error that broke the body off after them, if one did (the caller keeps
         the bytes, then raises it)."""
-        first = await content.readany()
+        try:
+            first = await content.readany()
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            rest = _buffered_before_error(content, BATCH)
+            return ([rest] if rest else []), len(rest), exc
         if not first:
             return [], 0, None
         parts, size = [first], len(first)
         deadline = loop.time() + FLUSH_S
         while size < BATCH:
-            more = content.read_nowait(BATCH - size)  # what is buffered already
-            if not more:
-                if content.at_eof() or loop.time() >= deadline:
-                    break
-                try:
-                    more = await asyncio.wait_for(content.readany(), max(0.0, deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    break
-                except (aiohttp.ClientError, ConnectionError) as exc:
-                    return parts, size, exc
+            try:
+                more = content.read_nowait(BATCH - size)  # what is buffered already
                 if not more:
-                    break
+                    if content.at_eof() or loop.time() >= deadline:
+                        break
+                    more = await asyncio.wait_for(
+                        content.readany(), max(0.0, deadline - loop.time())
+                    )
+                    if not more:
+                        break
+            except asyncio.TimeoutError:
+                break
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                rest = _buffered_before_error(content, BATCH - size)
+                if rest:
+                    parts.append(rest)
+                return parts, size + len(rest), exc
             parts.append(more)
             size += len(more)
         return parts, size, None

@@ -162,6 +162,7 @@ class Store:
         self.top_dir_mode = SHARED_TOP_DIR_MODE if self.shared else self.dir_mode
         self.file_mode = SHARED_FILE_MODE if self.shared else 0o666 & ~_umask()
         self.blob_dir = self.root / "sha256"
+        self._blob_root = f"{self.blob_dir}{os.sep}"
         self.lock_dir = self.root / "locks"
         self.quarantine_dir = self.root / "quarantine"
         self.index_path = self.root / "index.sqlite"
@@ -335,11 +336,13 @@ class Store:
         A link or special file at a blob's path is not a blob (see :meth:`check`), and
         nor is anything below a fan-out directory that is a link.
         """
-        path = self.path_for(sha256)
+        if not is_sha256(sha256):
+            raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
+        fanout = f"{self._blob_root}{sha256[:2]}"  # strings, not Paths: called per artifact
         try:
-            if not stat.S_ISDIR(os.lstat(path.parent).st_mode):
+            if not stat.S_ISDIR(os.lstat(fanout).st_mode):
                 return False
-            st = os.lstat(path)
+            st = os.lstat(f"{fanout}/{sha256}")
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return False
         return stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size)

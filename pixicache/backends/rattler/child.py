@@ -25,6 +25,11 @@ prefix marker), ``guard`` (default true). It answers ``{"ok": true,
 
 ``activate`` request keys: ``prefix``. It answers ``{"ok": true, "script": "..."}``.
 
+``wait [--lock PATH]`` starts ahead of need (see
+:func:`pixicache.backends.rattler.process.start_ahead`): it imports rattler and reads
+PATH while the parent is still planning, then runs the one command it is sent on
+stdin (``{"command": ..., "payload": ...}``), or ends quietly at EOF.
+
 The node cache guard
 --------------------
 rattler hard-links prefix files to the extracted package in its cache, so a
@@ -275,10 +280,38 @@ class CacheGuard:
 # -- commands ------------------------------------------------------------------------------
 
 
-def _records(lock: str, environment: str, platform: str) -> list[Any]:
+_READ_AHEAD: dict[str, Any] = {}
+"""A lock parsed while the parent was still starting (``wait --lock``): the path, its
+file identity before the parse, and the :class:`rattler.LockFile`."""
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_ahead(lock: str) -> None:
     import rattler
 
-    lf = rattler.LockFile.from_path(Path(lock))
+    with contextlib.suppress(Exception):  # a guess: the request decides
+        before = _identity(lock)
+        _READ_AHEAD.update(path=lock, identity=before, lock=rattler.LockFile.from_path(Path(lock)))
+
+
+def _lock_file(lock: str) -> Any:
+    """The parsed lock: the one read ahead if it is this file, unchanged since, else read now."""
+    import rattler
+
+    if _READ_AHEAD.get("path") == lock:
+        with contextlib.suppress(OSError):
+            if _identity(lock) == _READ_AHEAD["identity"]:
+                _READ_AHEAD["used"] = True
+                return _READ_AHEAD["lock"]
+    return rattler.LockFile.from_path(Path(lock))
+
+
+def _records(lock: str, environment: str, platform: str) -> list[Any]:
+    lf = _lock_file(lock)
     env = lf.environment(environment)
     if env is None:
         names = ", ".join(name for name, _ in lf.environments())
@@ -419,11 +452,36 @@ def cmd_activate(req: dict[str, Any]) -> dict[str, Any]:
 COMMANDS = {"install": cmd_install, "activate": cmd_activate}
 
 
+def _wait(argv: list[str]) -> tuple[str, str] | None:
+    """``wait [--lock PATH]``: import rattler (and read PATH) now, then take the command
+    from one line of stdin, ``{"command": ..., "payload": {...}}``; ``None`` at EOF (the
+    parent did not need us)."""
+    import rattler  # noqa: F401  (the point: imported before the request comes)
+
+    if argv[:1] == ["--lock"] and len(argv) >= 2:
+        _read_ahead(argv[1])
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    request = json.loads(line)
+    return str(request["command"]), json.dumps(request["payload"])
+
+
 def main(argv: list[str]) -> int:
     """Run one command; print its JSON answer; return the exit code (0 or 5)."""
     if argv[:1] == ["--rattler-path"] and len(argv) >= 2:
         sys.path.insert(0, argv[1])
         argv = argv[2:]
+    ahead = argv[:1] == ["wait"]
+    if ahead:
+        try:
+            taken = _wait(argv[1:])
+        except Exception as exc:
+            print(json.dumps({"ok": False, "error": str(exc), "type": type(exc).__name__}))
+            return 5
+        if taken is None:
+            return 0
+        argv = list(taken)
     if len(argv) != 2 or argv[0] not in COMMANDS:
         print(json.dumps({"ok": False, "error": f"usage: {sorted(COMMANDS)} <json|@file>"}))
         return 2
@@ -432,6 +490,8 @@ def main(argv: list[str]) -> int:
         if raw.startswith("@"):
             raw = Path(raw[1:]).read_text()
         answer = COMMANDS[argv[0]](json.loads(raw))
+        if ahead:
+            answer["ahead"] = {"lock_read_ahead": bool(_READ_AHEAD.get("used"))}
         rc = 0
     except Exception as exc:  # reported to the parent, which raises InstallError
         answer = {"ok": False, "error": str(exc), "type": type(exc).__name__}

@@ -3,12 +3,15 @@
 py-rattler can crash at interpreter exit, so the parent never imports it: it
 runs the child script by path (stdlib only, fast to start), reads the one JSON
 line it prints, and turns every failure into :class:`~pixicache.errors.InstallError`.
+The agent starts the child ahead of need (:func:`start_ahead`), so importing
+py-rattler and reading the lock overlap with its own start-up and planning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,33 +20,87 @@ from typing import Any
 from pixicache.bundle.runtime import bundle_runtime
 from pixicache.errors import InstallError
 
-__all__ = ["CHILD_SCRIPT", "run_child"]
+__all__ = ["CHILD_SCRIPT", "run_child", "start_ahead"]
 
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 _TAIL = 30
+_AHEAD: list[subprocess.Popen[str]] = []
+
+
+def _argv(*args: str) -> list[str]:
+    # The child is a stdlib-only script: run it by path (no package import to pay for),
+    # told where the bundle's py-rattler build is (never through PYTHONPATH).
+    runtime = bundle_runtime()
+    where = ["--rattler-path", str(runtime.rattler_dir)] if runtime and runtime.rattler_dir else []
+    return [sys.executable, str(CHILD_SCRIPT), *where, *args]
+
+
+def start_ahead(lock: str | os.PathLike[str] | None = None) -> bool:
+    """Start the child now, to import py-rattler (and read ``lock``) while this process
+    is still planning: the next :func:`run_child` hands it its command instead of
+    starting one. A child that gets no command ends at this process's exit (its stdin
+    closes). Returns whether one is waiting now (``False``: it could not start).
+    """
+    if _AHEAD and _AHEAD[0].poll() is None:
+        return True
+    _AHEAD.clear()
+    extra = ["--lock", str(Path(lock).absolute())] if lock is not None else []
+    with contextlib.suppress(OSError):
+        _AHEAD.append(
+            subprocess.Popen(
+                _argv("wait", *extra),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return bool(_AHEAD)
+
+
+def _take_ahead() -> subprocess.Popen[str] | None:
+    proc = _AHEAD.pop() if _AHEAD else None
+    if proc is not None and proc.poll() is not None:  # it died early: start afresh
+        proc.communicate()
+        return None
+    return proc
 
 
 def run_child(
     command: str, payload: dict[str, Any], *, timeout: float | None = None
 ) -> dict[str, Any]:
-    """Run the rattler child (``install`` or ``activate``) and return its JSON answer.
+    """Run the rattler child (``install`` or ``activate``) and return its JSON answer
+    (the one :func:`start_ahead` started, if any).
 
     Raises:
         InstallError: the child failed, crashed or answered nonsense.
     """
-    # The child is a stdlib-only script: run it by path (no package import to pay for),
-    # told where the bundle's py-rattler build is (never through PYTHONPATH).
-    runtime = bundle_runtime()
-    where = ["--rattler-path", str(runtime.rattler_dir)] if runtime and runtime.rattler_dir else []
-    argv = [sys.executable, str(CHILD_SCRIPT), *where, command, json.dumps(payload)]
-    try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    proc = _take_ahead()
+    if proc is not None:
+        request: str | None = json.dumps({"command": command, "payload": payload}) + "\n"
+    else:
+        request = None
+        proc = subprocess.Popen(
+            _argv(command, json.dumps(payload)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-    except subprocess.TimeoutExpired:
-        raise InstallError(f"py-rattler ({command}) did not finish within {timeout:g} s") from None
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(request, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise InstallError(
+                f"py-rattler ({command}) did not finish within {timeout:g} s"
+            ) from None
+        except BaseException:  # a signal (eviction) or an error here: the child goes too
+            proc.kill()
+            raise
     answer: dict[str, Any] | None = None
-    for line in reversed(proc.stdout.strip().splitlines()):
+    for line in reversed(stdout.strip().splitlines()):
         with contextlib.suppress(ValueError):
             answer = json.loads(line)
             break
@@ -51,7 +108,7 @@ def run_child(
         return answer
     if isinstance(answer, dict) and answer.get("error"):
         raise InstallError(f"py-rattler {command} failed: {answer['error']}")
-    tail = "\n".join((proc.stderr or "").strip().splitlines()[-_TAIL:])
+    tail = "\n".join((stderr or "").strip().splitlines()[-_TAIL:])
     how = f"exit code {proc.returncode}" if proc.returncode >= 0 else f"signal {-proc.returncode}"
     raise InstallError(
         f"the py-rattler {command} process failed ({how})" + (f":\n{tail}" if tail else "")
