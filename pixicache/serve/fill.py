@@ -48,10 +48,10 @@ from pixicache.store.locking import FileLock, LockTimeout
 
 log = logging.getLogger("pixicache.serve")
 
-BATCH = 1 << 20
+BATCH = 2 << 20
 """The most body bytes handed to the write-and-hash lane at once."""
 
-LOW_WATER = 1 << 20
+LOW_WATER = 2 << 20
 """Bytes the kernel gathers on an upstream socket before the event loop is woken."""
 
 FLUSH_S = 0.02
@@ -242,6 +242,10 @@ class _LowWater:
             return
         transport = resp.connection.transport if resp.connection is not None else None
         self.sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is not None and isinstance(getattr(transport, "max_size", None), int):
+            # asyncio reads at most 256 KiB per readiness: with the low-water mark at
+            # 1 MiB that is four wake-ups per batch (and a receive window kept small)
+            transport.max_size = max(transport.max_size, LOW_WATER)  # type: ignore[attr-defined]
 
     def update(self, content: aiohttp.StreamReader) -> None:
         if self.sock is None or self.total is None:
