@@ -369,3 +369,28 @@ def test_a_blob_a_neighbour_quarantined_mid_install_is_fetched_again(
     assert outcome.prefix.is_dir() and store.has(victim.sha256, victim.size)
     fetched = [r.path for r in demo_upstream.requests if r.path.endswith(victim.filename)]
     assert len(fetched) == 1
+
+
+CHECK_AHEAD = r"""
+a=$PPID; b=$(cut -d' ' -f4 /proc/$PPID/stat)
+for p in /proc/[0-9]*; do
+  ppid=$(cut -d' ' -f4 "$p/stat" 2>/dev/null) || continue
+  [ "$ppid" = "$a" ] || [ "$ppid" = "$b" ] || continue
+  if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q 'child.py.* wait'; then echo AHEAD-ALIVE; fi
+done
+echo checked
+"""
+
+
+def test_no_idle_py_rattler_child_sits_beside_the_task(tmp_path, demo_lock, demo_upstream):
+    """run starts the py-rattler child ahead of the install; when the install does not
+    need it (a no-op), it is ended before the task starts, not left for the job's life."""
+    manifest = MANIFEST.replace("[tasks]\n", '[tasks]\ncheck = "sh ./check.sh"\n', 1)
+    ws = _workspace(tmp_path / "job", demo_lock, manifest)
+    (ws / "check.sh").write_text(CHECK_AHEAD)
+    store = tmp_path / "node-store"
+    for attempt in ("install", "no-op"):
+        proc = _agent(ws, store, "run", "check", source=f"mirror={demo_upstream.url}")
+        assert proc.returncode == 0, proc.stderr
+        assert "checked" in proc.stdout and "AHEAD-ALIVE" not in proc.stdout, (attempt, proc.stdout)
+    assert _report(ws)["installer"]["changed"] is False  # the second run was the no-op

@@ -161,3 +161,23 @@ def test_shared_locks_coexist_but_exclude_a_writer(tmp_path):
     with FileLock(p, shared=True), FileLock(p, shared=True, timeout=0):  # noqa: SIM117
         with pytest.raises(LockTimeout):
             FileLock(p, timeout=0).acquire()
+
+
+def test_an_index_write_on_a_full_disk_is_store_full_not_a_broken_index(tmp_path, monkeypatch):
+    """SQLite says "database or disk is full" when the disk fills under the index: that
+    is the store being full (exit 7, free space), never "the index is unusable, move it
+    aside" (which would throw away a sound index)."""
+    import sqlite3
+
+    from pixicache.errors import StoreFull
+
+    store = Store(tmp_path / "s")
+
+    class FullConnection:
+        def execute(self, *args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store.index, "connection", lambda: FullConnection())
+    with pytest.raises(StoreFull, match="no space left in the store") as info:
+        store.index.record("ab" * 32, 10)
+    assert "move it aside" not in str(info.value)

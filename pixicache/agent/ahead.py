@@ -5,7 +5,8 @@ importing py-rattler and reading the lock. Started when the command starts, it d
 that on another core while the agent imports its own modules, plans and checks the
 store; the install then hands it the request (see
 :func:`pixicache.backends.rattler.process.start_ahead`). When the install turns out to
-be a no-op or another installer runs, the child ends unused at the agent's exit.
+be a no-op or another installer runs, the child is ended before the task starts
+(:func:`end_installer_ahead`), or at the agent's exit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from pixicache.agent.options import AgentOptions
 
-__all__ = ["start_installer_ahead"]
+__all__ = ["end_installer_ahead", "start_installer_ahead"]
 
 
 def start_installer_ahead(options: AgentOptions, manifest: Path) -> bool:
@@ -34,3 +35,11 @@ def start_installer_ahead(options: AgentOptions, manifest: Path) -> bool:
 
     lock = manifest.absolute().parent / "pixi.lock"
     return start_ahead(lock if lock.is_file() else None)
+
+
+def end_installer_ahead() -> None:
+    """End the child :func:`start_installer_ahead` started if the install did not use
+    it (a no-op, or another installer): ``run`` calls this before the task starts."""
+    from pixicache.backends.rattler.process import discard_ahead
+
+    discard_ahead()

@@ -464,6 +464,7 @@ def run(
         TaskError: unknown task, bad arguments, unsupported task feature (6),
         and everything :func:`install` raises.
     """
+    from pixicache.agent.ahead import end_installer_ahead
     from pixicache.agent.runner import run_task
 
     rep = report if report is not None else RunReport("run", path=None)
@@ -473,6 +474,7 @@ def run(
     m.execution_plan(task, args, env, options.platform or _this_platform(), supported_only=False)
     with interruptible():
         outcome = install(m, env, options=options, report=rep)
+    end_installer_ahead()  # an unused child must not sit beside a task for hours
     with rep.phase("task"):
         result = run_task(
             outcome.manifest,

@@ -301,7 +301,7 @@ class FillManager:
         # (url, expected) -> (when, how many times in a row, failure): upstream sent
         # bytes that contradict the digest (see recent_mismatch)
         self._bad: OrderedDict[str, tuple[float, int, FillFailed]] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Fill] = {}  # each running fill task and its fill
         self._idle: asyncio.Event | None = None
         self.full_until = 0.0  # monotonic time until which misses are refused (store full)
         self.full_backoff = 5.0
@@ -372,9 +372,12 @@ class FillManager:
             self._idle.clear()
         self.metrics.fills_in_flight.inc()
         task = asyncio.get_running_loop().create_task(self._run(fill))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = fill
+        task.add_done_callback(self._forget_task)
         return fill
+
+    def _forget_task(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.pop(task, None)
 
     async def wait_idle(self) -> None:
         """Until no fill is in progress."""
@@ -384,8 +387,13 @@ class FillManager:
             self._idle.set()
         await self._idle.wait()
 
-    async def close(self) -> None:
-        """Cancel the fills still running (their waiters are gone: shutdown)."""
+    async def close(self, grace: float = 10.0) -> None:
+        """Cancel the fills still downloading (shutdown); one whose bytes are all in and
+        verified finishes its commit first (up to ``grace`` seconds): a client may
+        already have every byte of it, and a restart should not fetch it again."""
+        finishing = [task for task, fill in self._tasks.items() if fill.ok]
+        if finishing:
+            await asyncio.wait(finishing, timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pixicache.errors import StoreError
+from pixicache.errors import StoreError, StoreFull
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -151,6 +151,11 @@ class Index:
 
     def _error(self, exc: sqlite3.Error) -> StoreError:
         text = str(exc)
+        if getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in text:  # SQLITE_FULL
+            return StoreFull(
+                f"no space left in the store {self.path.parent} while updating its index "
+                f"({text}): free space, lower --max-size, or run `pixicache cache gc`"
+            )
         if "readonly" in text or "unable to open" in text:
             return StoreError(
                 f"the store index {self.path} cannot be written by this user (uid "

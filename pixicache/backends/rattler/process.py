@@ -20,7 +20,7 @@ from typing import Any
 from pixicache.bundle.runtime import bundle_runtime
 from pixicache.errors import InstallError
 
-__all__ = ["CHILD_SCRIPT", "run_child", "start_ahead"]
+__all__ = ["CHILD_SCRIPT", "discard_ahead", "run_child", "start_ahead"]
 
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 _TAIL = 30
@@ -56,6 +56,19 @@ def start_ahead(lock: str | os.PathLike[str] | None = None) -> bool:
             )
         )
     return bool(_AHEAD)
+
+
+def discard_ahead() -> None:
+    """End the child :func:`start_ahead` started, if no command took it: its stdin is
+    closed (it ends at EOF, quietly) and it is reaped."""
+    proc = _AHEAD.pop() if _AHEAD else None
+    if proc is None:
+        return
+    try:
+        proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
 
 
 def _take_ahead() -> subprocess.Popen[str] | None:
