@@ -765,3 +765,16 @@ def test_workers_share_one_port_and_fill_each_artifact_once(tmp_path, upstream, 
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+
+
+def test_workers_that_cannot_start_say_why_once_with_the_documented_code(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pixicache", "serve", "--workers", "2", "--port", "0",
+         "--cache-dir", str(blocker / "store")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 7, proc.stderr  # StoreError
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("cannot create the store") == 1, proc.stderr

@@ -619,6 +619,8 @@ class ServeApp:
         import errno
         import stat as _stat
 
+        if not is_sha256(sha):  # the name is used as a path relative to the directory
+            raise ValueError(f"not a SHA-256 hex digest: {sha!r}")
         sub = sha[:2]
         for attempt in (0, 1):
             dfd = self._dirfds.get(sub)

@@ -31,6 +31,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from pixicache.errors import PixicacheError
 from pixicache.serve.app import ServeApp
 from pixicache.serve.config import ServeConfig
 from pixicache.serve.metrics import Metrics
@@ -291,6 +292,7 @@ def _run_workers(config: ServeConfig) -> None:
     SIGTERM/SIGINT are passed on; the first worker to exit with an error ends all."""
     import socket as _socket
 
+    Store(config.cache_dir)  # a store that cannot be used is one message, here, not N
     family = _socket.AF_INET6 if ":" in config.host else _socket.AF_INET
     reserve = _socket.socket(family, _socket.SOCK_STREAM)
     reserve.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
@@ -306,8 +308,11 @@ def _run_workers(config: ServeConfig) -> None:
             code = 0
             try:
                 run_server(worker_config.replace(workers=1, _reuse_port=True))
+            except PixicacheError as exc:  # one line and its documented code, never a traceback
+                log.error("worker %d: %s", os.getpid(), exc)
+                code = exc.exit_code
             except BaseException:
-                log.exception("worker %d failed", os.getpid())
+                log.exception("worker %d failed (internal error)", os.getpid())
                 code = 1
             os._exit(code)
         children.append(pid)
@@ -324,8 +329,9 @@ def _run_workers(config: ServeConfig) -> None:
         pid, status = os.wait()
         if pid in children:
             children.remove(pid)
-            if os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT):
-                code = 1
+            exit_code = os.waitstatus_to_exitcode(status)
+            if exit_code not in (0, -signal.SIGTERM, -signal.SIGINT) and not code:
+                code = exit_code if exit_code > 0 else 1  # the first failure's own code
                 forward(signal.SIGTERM, None)
     reserve.close()
     if code:

@@ -25,6 +25,7 @@ __all__ = ["CHILD_SCRIPT", "discard_ahead", "run_child", "start_ahead"]
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 _TAIL = 30
 _AHEAD: list[subprocess.Popen[str]] = []
+_AT_EXIT: list[bool] = []  # discard_ahead is registered with atexit (once)
 
 
 def _argv(*args: str) -> list[str]:
@@ -38,11 +39,17 @@ def _argv(*args: str) -> list[str]:
 def start_ahead(lock: str | os.PathLike[str] | None = None) -> bool:
     """Start the child now, to import py-rattler (and read ``lock``) while this process
     is still planning: the next :func:`run_child` hands it its command instead of
-    starting one. A child that gets no command ends at this process's exit (its stdin
-    closes). Returns whether one is waiting now (``False``: it could not start).
+    starting one. A child that gets no command is ended at this process's exit
+    (:func:`discard_ahead`, registered with :mod:`atexit`; if this process dies, its
+    stdin closes and it ends on its own). Returns whether one is waiting now (``False``: it could not start).
     """
     if _AHEAD and _AHEAD[0].poll() is None:
         return True
+    if not _AT_EXIT:
+        import atexit
+
+        atexit.register(discard_ahead)  # reaped at exit, not left to end on its own
+        _AT_EXIT.append(True)
     _AHEAD.clear()
     extra = ["--lock", str(Path(lock).absolute())] if lock is not None else []
     with contextlib.suppress(OSError):
