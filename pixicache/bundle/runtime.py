@@ -249,8 +249,10 @@ def _ensure_compiled(tree: Path) -> float:
         if marker.exists():
             return 0.0
         with contextlib.suppress(OSError):
-            if compileall.compile_dir(str(tree), quiet=2, workers=1):
-                marker.write_text("")
+            # once, whatever it says: a file this Python cannot compile (one meant for
+            # another version) would fail the same way at every start
+            compileall.compile_dir(str(tree), quiet=2, workers=1)
+            marker.write_text("")
     return time.perf_counter() - start
 
 
