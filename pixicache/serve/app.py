@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
@@ -616,12 +618,7 @@ class ServeApp:
         """Open a blob for reading, never through a link: relative to its fan-out
         directory, opened (once per process, without following a link) and kept; a
         stale one (the directory was replaced) is opened afresh once."""
-        import errno
-        import stat as _stat
-
-        if not is_sha256(sha):  # the name is used as a path relative to the directory
-            raise ValueError(f"not a SHA-256 hex digest: {sha!r}")
-        sub = sha[:2]
+        sub = self.store.fanout(sha)  # a digest, so a safe name relative to it
         for attempt in (0, 1):
             dfd = self._dirfds.get(sub)
             if dfd is None:
@@ -647,7 +644,7 @@ class ServeApp:
                     raise NotRegular(self.store.path_for(sha), "a symbolic link") from None
                 raise
         mode = os.fstat(fd).st_mode
-        if not _stat.S_ISREG(mode):
+        if not stat.S_ISREG(mode):
             os.close(fd)
             raise NotRegular(self.store.path_for(sha), "not a regular file")
         return fd

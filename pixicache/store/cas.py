@@ -324,11 +324,18 @@ class Store:
         return StoreError(f"cannot write to the store {self.root} ({doing}): {exc}")
 
     # -- blobs ------------------------------------------------------------
-    def path_for(self, sha256: str) -> Path:
-        """Where the blob of ``sha256`` lives (whether or not it exists)."""
+    @staticmethod
+    def fanout(sha256: str) -> str:
+        """The name of the fan-out directory of the blob ``sha256`` (its first two hex
+        digits); raises ``ValueError`` for anything that is not a digest (a digest is
+        then safe as a file name relative to that directory)."""
         if not is_sha256(sha256):
             raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
-        return self.blob_dir / sha256[:2] / sha256
+        return sha256[:2]
+
+    def path_for(self, sha256: str) -> Path:
+        """Where the blob of ``sha256`` lives (whether or not it exists)."""
+        return self.blob_dir / self.fanout(sha256) / sha256
 
     def has(self, sha256: str, size: int | None = None) -> bool:
         """True if the blob is present as a regular file (of ``size`` bytes, when given).
@@ -336,9 +343,7 @@ class Store:
         A link or special file at a blob's path is not a blob (see :meth:`check`), and
         nor is anything below a fan-out directory that is a link.
         """
-        if not is_sha256(sha256):
-            raise ValueError(f"not a SHA-256 hex digest: {sha256!r}")
-        fanout = f"{self._blob_root}{sha256[:2]}"  # strings, not Paths: called per artifact
+        fanout = f"{self._blob_root}{self.fanout(sha256)}"  # strings, not Paths: per artifact
         try:
             if not stat.S_ISDIR(os.lstat(fanout).st_mode):
                 return False
