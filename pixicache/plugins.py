@@ -20,9 +20,10 @@ installed distribution, once per process, and:
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
-from importlib import metadata
+from importlib import import_module
 from typing import Any
 
 from pixicache.errors import Interrupted, PluginError
@@ -145,42 +146,124 @@ def plugins(group: PluginGroup) -> PluginSet:
     return found
 
 
-def _entry_points(group: str) -> list[tuple[metadata.EntryPoint, str]]:
-    """``(entry point, "dist version")`` for every distribution on ``sys.path``, deduplicated."""
-    out: list[tuple[metadata.EntryPoint, str]] = []
+def _entry_points(group: str) -> list[tuple[str, str, str]]:
+    """``(name, target, "dist version")`` for every entry point of ``group`` of every
+    distribution on ``sys.path``, deduplicated (the same distribution found twice).
+
+    The ``*.dist-info``/``*.egg-info`` directories of ``sys.path`` are read directly:
+    :mod:`importlib.metadata` finds the same entry points (a test checks that they
+    agree) but costs ~35 ms to import at every agent start. A zip on ``sys.path`` is
+    searched through :mod:`importlib.metadata`.
+    """
+    out: list[tuple[str, str, str]] = []
     seen: set[tuple[str, str, str]] = set()
-    for dist in metadata.distributions():
-        mine = [ep for ep in dist.entry_points if ep.group == group]
-        if not mine:
-            continue  # its METADATA is parsed only when it has one of ours (start-up time)
-        name = dist.metadata["Name"] or "?"
-        for ep in mine:
-            key = (name.lower(), ep.name, ep.value)
-            if key in seen:  # the same distribution found twice on sys.path
-                continue
-            seen.add(key)
-            out.append((ep, f"{name} {dist.version}"))
+    for name, target, dist in _scan(group):
+        key = (dist.split(" ")[0].lower().replace("_", "-"), name, target)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((name, target, dist))
     return out
+
+
+def _scan(group: str) -> list[tuple[str, str, str]]:
+    found: list[tuple[str, str, str]] = []
+    for entry in sys.path:
+        where = entry or "."
+        if os.path.isfile(where):
+            found += _from_importlib_metadata(group, where)
+            continue
+        try:
+            names = sorted(os.listdir(where))
+        except OSError:
+            continue
+        for info in names:
+            if not info.endswith((".dist-info", ".egg-info")):
+                continue
+            base = os.path.join(where, info)
+            try:
+                with open(os.path.join(base, "entry_points.txt"), encoding="utf-8") as fh:
+                    text = fh.read()
+            except OSError:
+                continue
+            if f"[{group}]" not in text:
+                continue  # its metadata is read only when it has one of ours (start-up time)
+            dist = _dist_label(base, "METADATA" if info.endswith(".dist-info") else "PKG-INFO")
+            found += [(n, t, dist) for n, t in _section(text, group)]
+    return found
+
+
+def _section(text: str, group: str) -> list[tuple[str, str]]:
+    """The ``name = target`` lines of section ``[group]`` of an ``entry_points.txt``."""
+    rows: list[tuple[str, str]] = []
+    inside = False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            inside = line[1:-1].strip() == group
+        elif inside and "=" in line:
+            name, _, target = line.partition("=")
+            rows.append((name.strip(), target.strip()))
+    return rows
+
+
+def _dist_label(base: str, headers: str) -> str:
+    """``"name version"`` from a distribution's metadata headers."""
+    fields: dict[str, str] = {}
+    try:
+        with open(os.path.join(base, headers), encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                if key in ("Name", "Version") and key not in fields:
+                    fields[key] = value.strip()
+    except OSError:
+        pass
+    return f"{fields.get('Name', '?')} {fields.get('Version', '?')}"
+
+
+def _from_importlib_metadata(group: str, path: str) -> list[tuple[str, str, str]]:
+    from importlib import metadata
+
+    found = []
+    for dist in metadata.distributions(path=[path]):
+        for ep in dist.entry_points:
+            if ep.group == group:
+                found.append((ep.name, ep.value, f"{dist.metadata['Name'] or '?'} {dist.version}"))
+    return found
+
+
+def _load_target(target: str) -> Any:
+    """The object an entry point names: ``module:attr.attr`` (extras ignored), as
+    :meth:`importlib.metadata.EntryPoint.load` finds it."""
+    module, _, attrs = target.partition("[")[0].strip().partition(":")
+    obj: Any = import_module(module.strip())
+    for attr in filter(None, attrs.strip().split(".")):
+        obj = getattr(obj, attr)
+    return obj
 
 
 def _discover(group: PluginGroup) -> PluginSet:
     result = PluginSet(group)
-    for ep, dist in _entry_points(group.group):
-        other = result.entries.get(ep.name)
+    for name, target, dist in _entry_points(group.group):
+        other = result.entries.get(name)
         if other is not None:
             raise PluginError(
-                f"two plugins claim the {group.noun} name '{ep.name}' in {group.group}: "
-                f"{other.describe()} and {ep.name} = {ep.value} (from {dist}); uninstall one "
+                f"two plugins claim the {group.noun} name '{name}' in {group.group}: "
+                f"{other.describe()} and {name} = {target} (from {dist}); uninstall one "
                 "of the two distributions"
             )
-        result.entries[ep.name] = _load(group, ep, dist)
+        result.entries[name] = _load(group, name, target, dist)
     return result
 
 
-def _load(group: PluginGroup, ep: metadata.EntryPoint, dist: str) -> Plugin:
-    plugin = Plugin(ep.name, group.group, ep.value, dist)
+def _load(group: PluginGroup, name: str, target: str, dist: str) -> Plugin:
+    plugin = Plugin(name, group.group, target, dist)
     try:
-        obj = ep.load()
+        obj = _load_target(target)
     except Interrupted:  # a signal arrived while importing: not the plugin's fault
         raise
     except Exception as exc:  # a third party's import error must not break pixicache

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 __all__ = ["SHARED_BITS", "is_shared_mode", "not_private", "root_is_safe", "user_area"]
@@ -50,6 +49,8 @@ def user_area(root: str | os.PathLike[str], shared: bool | None = None) -> Path:
     uid = os.getuid()
     if root_is_safe(mode):
         return root / f"user.{uid}"
+    import tempfile
+
     return Path(tempfile.gettempdir()) / f"pixicache-{uid}"
 
 

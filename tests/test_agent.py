@@ -26,23 +26,8 @@ pytestmark = pytest.mark.skipif(
     PLATFORM != "linux-64", reason="the demo channel is built for linux-64"
 )
 
-_SHIM = (
-    "import sys\n"
-    "from pixicache.cli import main\n"
-    "from pixicache.cli.agent import install_command, run_command\n"
-    "main.commands.setdefault('install', install_command)\n"
-    "main.commands.setdefault('run', run_command)\n"
-    "main(prog_name='pixicache')\n"
-)
-
-
 def _cli() -> list[str]:
-    """``python -m pixicache`` (with install/run registered even before cli.py has them)."""
-    from pixicache.cli import main
-
-    if "run" in main.commands and "install" in main.commands:
-        return [sys.executable, "-m", "pixicache"]
-    return [sys.executable, "-c", _SHIM]
+    return [sys.executable, "-m", "pixicache"]
 
 
 MANIFEST = """

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from pixicache.errors import LockError
-from pixicache.model import lockfile
+from pixicache.model import lockyaml
 from pixicache.model.lockfile import Lock, LockedPackage, load_lock
 from pixicache.testing.locks import LockPackage, render_lock, write_lock
 
@@ -566,7 +566,7 @@ def test_shared_lock_parses_fast() -> None:
     print(f"parse + artifacts of the 121-package lock: {best * 1000:.1f} ms")
     # what makes it fast is libyaml's C loader under the lock loader (a timing bound
     # here would only measure the CI machine)
-    assert issubclass(lockfile._LockLoader, yaml.CSafeLoader)
+    assert issubclass(lockyaml._LockLoader, yaml.CSafeLoader)
 
 
 def _timed(fn: Any) -> float:

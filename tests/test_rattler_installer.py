@@ -287,7 +287,7 @@ def test_a_child_started_ahead_and_never_used_ends_with_the_agent(tmp_path):
     code = (
         "from pixicache.backends.rattler import process\n"
         "assert process.start_ahead()\n"
-        "print(process._AHEAD[0].pid, flush=True)\n"
+        "print(process._AHEAD[0][0].pid, flush=True)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

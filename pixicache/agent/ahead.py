@@ -12,10 +12,15 @@ be a no-op or another installer runs, the child is ended before the task starts
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pixicache.agent.options import AgentOptions
+if TYPE_CHECKING:
+    from pixicache.agent.options import AgentOptions
 
-__all__ = ["end_installer_ahead", "start_installer_ahead"]
+#: The options of ``install``/``run`` that take a value (so the value is not TASK).
+_VALUED = ("--cache-dir", "-e", "--environment", "--platform", "--source", "--jobs", "--report")
+
+__all__ = ["end_installer_ahead", "start_from_argv", "start_installer_ahead"]
 
 
 def start_installer_ahead(options: AgentOptions, manifest: Path) -> bool:
@@ -23,17 +28,74 @@ def start_installer_ahead(options: AgentOptions, manifest: Path) -> bool:
 
     It may run when asked for, or for ``auto`` without a Pixi given (a verified Pixi
     already in the store would still win: the child is then unused), and only where
-    py-rattler can be used at all.
+    py-rattler can be used at all. A child the bundle's launcher started on its guess
+    (:func:`start_from_argv`) is kept when it read this lock, ended when the rattler
+    installer cannot run.
     """
+    from pixicache.backends.rattler.process import discard_ahead, start_ahead
+
     if not options.may_use_rattler:
+        discard_ahead()
         return False
     from pixicache.backends.rattler.probe import rattler_available
 
     if not rattler_available()[0]:
+        discard_ahead()
         return False
+    lock = manifest.absolute().parent / "pixi.lock"
+    return start_ahead(lock if lock.is_file() else None)
+
+
+def start_from_argv(argv: list[str]) -> bool:
+    """The bundle's launcher, before it imports the command line: start the py-rattler
+    child now if ``argv`` looks like ``install`` or ``run`` with the rattler installer
+    (a guess from the words alone: :func:`start_installer_ahead` decides once the
+    options are parsed, and ends a child guessed wrong). Whether one started; never
+    raises (a guess that fails is no child).
+    """
+    try:
+        return _start_from_argv(argv)
+    except Exception:
+        return False
+
+
+def _start_from_argv(argv: list[str]) -> bool:
+    if "--help" in argv or "-h" in argv:
+        return False
+    words = iter(argv)
+    for word in words:
+        if word == "--cache-dir":
+            next(words, None)
+        elif word in ("install", "run"):
+            break
+        elif not word.startswith("--cache-dir="):
+            return False
+    else:
+        return False
+    manifest, installer = "pixi.toml", "auto"
+    for word in words:
+        name, _, value = word.partition("=")
+        if name in ("--pixi", "--trust-pixi"):
+            return False
+        if name in ("--manifest", "--installer"):
+            value = value or next(words, "")
+            if name == "--manifest":
+                manifest = value
+            else:
+                installer = value
+        elif name in _VALUED:
+            if not value:
+                next(words, None)
+        elif not word.startswith("-"):
+            break  # run's TASK: what follows is the task's
+    if installer not in ("auto", "rattler"):
+        return False
+    from pixicache.backends.rattler.probe import rattler_available
     from pixicache.backends.rattler.process import start_ahead
 
-    lock = manifest.absolute().parent / "pixi.lock"
+    if not rattler_available()[0]:
+        return False
+    lock = Path(manifest).absolute().parent / "pixi.lock"
     return start_ahead(lock if lock.is_file() else None)
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pixicache.agent.options import AgentOptions
 from pixicache.agent.report import RunReport
 from pixicache.agent.signals import interruptible
-from pixicache.errors import FetchError, InstallError, IntegrityError, LockError
+from pixicache.errors import FetchError, InstallError, IntegrityError, LockError, StoreError
 from pixicache.installers import registry
 from pixicache.installers.base import Installer, InstallRequest, InstallResult
 from pixicache.model.lockfile import Lock
@@ -162,7 +162,7 @@ def _plan(job: _Job) -> None:
             f"{lock_path}: no lock beside the manifest {m.path}; create it with `pixi lock` "
             "and ship it with the job"
         )
-    job.lock = lock = Lock.load(lock_path)
+    job.lock = lock = Lock.load_cached(lock_path, _lock_cache(job.store))
     job.platform = job.options.platform or _this_platform()
     lock.environment(job.environment)  # an unknown environment is a LockError (2)
     try:
@@ -188,6 +188,14 @@ def _plan(job: _Job) -> None:
     rep.record_artifacts(job.artifacts)
     if job.plan is not None:
         _check_lock_is_current(job)
+
+
+def _lock_cache(store: Store) -> Path | None:
+    """This user's cache of parsed locks in the store (``None``: it cannot be had)."""
+    try:
+        return store.private_dir(store.user_dir / "parsed-locks")
+    except (StoreError, OSError):
+        return None
 
 
 def _check_lock_is_current(job: _Job) -> None:

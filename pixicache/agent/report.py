@@ -54,7 +54,6 @@ import contextlib
 import getpass
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -104,7 +103,7 @@ class RunReport:
             "time_to_task": None,
             "exit_code": None,
             "host": {
-                "name": socket.gethostname(),
+                "name": os.uname().nodename,  # gethostname(2) is uname's nodename
                 "platform": None,
                 "pid": os.getpid(),
                 "user": _user(),

@@ -202,7 +202,10 @@ sys.path.insert(0, os.path.join(_archive, "site"))
 from pixicache.bundle.runtime import run_from_archive  # noqa: E402  (unpacks, then imports from there)
 
 run_from_archive(_archive, META)
-from pixicache.cli import main  # noqa: E402  (from the unpacked files now)
+from pixicache.agent.ahead import start_from_argv  # noqa: E402  (from the unpacked files now)
+
+start_from_argv(sys.argv[1:])  # the py-rattler child starts while the CLI is imported
+from pixicache.cli import main  # noqa: E402
 
 main()
 """

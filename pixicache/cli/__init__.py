@@ -5,8 +5,9 @@ One module per command (or group), each only parsing options and printing:
 :mod:`~pixicache.cli.agent` (``install``, ``run``), :mod:`~pixicache.cli.serve`,
 :mod:`~pixicache.cli.pixi`, :mod:`~pixicache.cli.bundle`, :mod:`~pixicache.cli.plugins`,
 :mod:`~pixicache.cli.demo`; options and error handling they share are in
-:mod:`~pixicache.cli.common`. Heavy modules are imported inside the commands,
-so ``pixicache --help`` stays fast.
+:mod:`~pixicache.cli.common`. A command's module is imported only when that
+command runs (:data:`COMMANDS`), and heavy modules inside the commands, so a job's
+``pixicache run`` imports the agent's command alone.
 
 Every failure pixicache anticipates is a :class:`~pixicache.errors.PixicacheError`;
 the CLI prints its message (no traceback) and exits with the error's
@@ -15,22 +16,47 @@ documented code (see :mod:`pixicache.errors`).
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import click
 
 from pixicache import __version__
-from pixicache.cli.agent import install_command, run_command
-from pixicache.cli.bundle import bundle_command
-from pixicache.cli.cache import cache
 from pixicache.cli.common import cache_dir_option
-from pixicache.cli.demo import demo
-from pixicache.cli.fetch import plan, prefetch
-from pixicache.cli.pixi import pixi_group
-from pixicache.cli.plugins import plugins_command
-from pixicache.cli.serve import serve_command
 from pixicache.errors import EXIT_CODES
 
+#: Each command's module and object: imported when the command runs (or for --help),
+#: so ``pixicache run`` pays for its own module only.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("pixicache.cli.fetch", "plan"),
+    "prefetch": ("pixicache.cli.fetch", "prefetch"),
+    "cache": ("pixicache.cli.cache", "cache"),
+    "install": ("pixicache.cli.agent", "install_command"),
+    "run": ("pixicache.cli.agent", "run_command"),
+    "serve": ("pixicache.cli.serve", "serve_command"),
+    "pixi": ("pixicache.cli.pixi", "pixi_group"),
+    "bundle": ("pixicache.cli.bundle", "bundle_command"),
+    "plugins": ("pixicache.cli.plugins", "plugins_command"),
+    "demo": ("pixicache.cli.demo", "demo"),
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _LazyGroup(click.Group):
+    """A group whose commands (:data:`COMMANDS`) are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in COMMANDS:
+            module, name = COMMANDS[cmd_name]
+            command = getattr(import_module(module), name)
+            assert isinstance(command, click.Command) and command.name == cmd_name
+            self.add_command(command)
+        return command
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pixicache")
 @cache_dir_option
 @click.pass_context
@@ -43,20 +69,6 @@ main.help = (main.help or "") + "\n\n\b\nExit codes:" + "".join(
     f"\n  {code:>3}  {what}" for what, code in EXIT_CODES.items()
 )
 
-
-for _command in (
-    plan,
-    prefetch,
-    cache,
-    install_command,
-    run_command,
-    serve_command,
-    pixi_group,
-    bundle_command,
-    plugins_command,
-    demo,
-):
-    main.add_command(_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

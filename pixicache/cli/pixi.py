@@ -1,6 +1,6 @@
 """``pixicache pixi ...``: obtain, list and verify pinned Pixi binaries.
 
-Registered by the main CLI with ``main.add_command(pixi_group)``.
+Registered in :data:`pixicache.cli.COMMANDS` (imported when the command runs).
 """
 
 from __future__ import annotations

@@ -58,8 +58,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
 from pixicache.errors import LockError
 from pixicache.model.artifact import Artifact, conda_location
 
@@ -88,65 +86,6 @@ _SUPPORTED_TEXT = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
 _FETCH_SCHEMES = ("http", "https", "file")
 _CONDA_EXTS = (".conda", ".tar.bz2")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
-
-
-_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _LockLoader(_BaseLoader):
-    """The safe loader (libyaml-backed when available), minus float and date typing,
-    and stricter than YAML where a lock must be: no duplicate keys in a mapping (YAML
-    would keep the last one silently; rattler refuses them), no aliases (Pixi never
-    writes one, and they let a small file stand for a huge document), integers of at
-    most 30 digits.
-
-    An unquoted ``version: 1.10`` or ``2024-01-01`` stays the string it is, as
-    rattler (which reads into typed string fields) sees it.
-    """
-
-    def construct_document(self, node: Any) -> Any:
-        seen: set[int] = set()
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            if id(n) in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, "an alias (*name): pixi locks have none", n.start_mark
-                )
-            seen.add(id(n))
-            if isinstance(n, yaml.MappingNode):
-                keys = set()
-                for k, v in n.value:
-                    if isinstance(k, yaml.ScalarNode):
-                        if k.value in keys:
-                            raise yaml.constructor.ConstructorError(
-                                None, None, f"the key {k.value[:80]!r} appears twice", k.start_mark
-                            )
-                        keys.add(k.value)
-                    stack += [k, v]
-            elif isinstance(n, yaml.SequenceNode):
-                stack += n.value
-        return super().construct_document(node)
-
-    def construct_yaml_int(self, node: Any) -> Any:
-        digits = node.value.lstrip("+-").replace("_", "")
-        if len(digits) > 30:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"a number of {len(digits)} digits", node.start_mark
-            )
-        return super().construct_yaml_int(node)
-
-    yaml_implicit_resolvers = {
-        first: [
-            (tag, regexp)
-            for tag, regexp in resolvers
-            if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")
-        ]
-        for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
-    }
-
-
-_LockLoader.add_constructor("tag:yaml.org,2002:int", _LockLoader.construct_yaml_int)
 
 
 # --------------------------------------------------------------------------- model
@@ -303,10 +242,41 @@ class Lock:
             LockError: the file cannot be read or is not a usable lock.
         """
         p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise LockError(f"{p}: cannot read the lock file: {exc.strerror or exc}") from exc
+        return cls._from_bytes(_read_lock(p), p)
+
+    @classmethod
+    def load_cached(cls, path: str | os.PathLike[str], cache_dir: Path | None) -> Lock:
+        """:meth:`load`, through a cache of parsed locks in ``cache_dir``.
+
+        A job on a warm node reads the lock it ran before: parsing it again (PyYAML's
+        pure-Python loader in the bundle: ~0.1 s for 121 packages) is then replaced by
+        loading the :class:`Lock` pickled the first time, under a key made of the
+        SHA-256 of the lock's bytes, the interpreter's cache tag and the identity of
+        this module's source (:func:`_cache_key`): any change to the lock or to this
+        code reads it afresh. ``cache_dir`` must be a directory of this user's alone
+        (the store's user area: pickles run code when loaded, so an entry is read only
+        when it is a regular file of this user's, writable by nobody else).
+        ``None``, or a cache that cannot be read or written, is :meth:`load`.
+
+        Raises:
+            LockError: as :meth:`load`.
+        """
+        p = Path(path)
+        data = _read_lock(p)
+        if cache_dir is None:
+            return cls._from_bytes(data, p)
+        from pixicache.model import lockcache
+
+        entry = cache_dir / _cache_key(data)
+        lock = lockcache.read(entry, cls)
+        if lock is None:
+            lock = cls._from_bytes(data, p)
+            lockcache.write(entry, lock)
+        lock.path = p
+        return lock
+
+    @classmethod
+    def _from_bytes(cls, data: bytes, p: Path) -> Lock:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -321,15 +291,9 @@ class Lock:
             LockError: malformed YAML, an unsupported version, a missing or
                 malformed section, or a reference that does not resolve.
         """
-        try:
-            doc = yaml.load(text, Loader=_LockLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            what = exc.problem or exc.context or "invalid YAML"
-            raise LockError(f"{path}: malformed YAML{where}: {what}") from exc
-        except yaml.YAMLError as exc:
-            raise LockError(f"{path}: malformed YAML: {exc}") from exc
+        from pixicache.model.lockyaml import load_document  # PyYAML: only on a cache miss
+
+        doc = load_document(text, path)
         return _Parser(path, doc).build(cls)
 
     # ------------------------------------------------------------ queries
@@ -521,6 +485,30 @@ class Lock:
                                 f"to {location}, a package for subdir '{pkg.subdir}' "
                                 f"(expected '{subdir}' or 'noarch')"
                             )
+
+
+def _read_lock(p: Path) -> bytes:
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise LockError(f"{p}: cannot read the lock file: {exc.strerror or exc}") from exc
+
+
+def _cache_key(data: bytes) -> str:
+    """The cache entry's name for a lock whose bytes are ``data`` (see :meth:`Lock.load_cached`)."""
+    import hashlib
+    import sys
+
+    from pixicache.model import artifact
+
+    h = hashlib.sha256(data)
+    for module in (__file__, artifact.__file__):
+        try:
+            st = os.stat(module)
+            h.update(f"\0{module}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        except OSError:  # no source to identify (a zip import): never reuse an entry
+            h.update(os.urandom(16))
+    return f"{h.hexdigest()[:40]}.{sys.implementation.cache_tag}.pickle"
 
 
 def load_lock(path: str | os.PathLike[str]) -> Lock:

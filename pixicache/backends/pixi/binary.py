@@ -34,12 +34,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -69,7 +67,10 @@ __all__ = [
     "verify_pixi_executable",
 ]
 
-log = logging.getLogger("pixicache.backends.pixi")
+def _log() -> Any:
+    import logging  # only when there is something to say (start-up time)
+
+    return logging.getLogger("pixicache.backends.pixi")
 
 MAX_BINARY_BYTES = 1 << 30
 """A ``pixi`` member larger than this (1 GiB) is refused (Pixi is ~50 MiB)."""
@@ -244,6 +245,8 @@ def _unpack(archive: Path, pin: PixiPin, dest_dir: Path) -> tuple[str, int]:
     Returns the binary's SHA-256 and size. Raises :class:`PixiVerificationError`
     for anything but one regular file called ``pixi``.
     """
+    import tarfile  # only when a Pixi archive is unpacked (start-up time)
+
     where = f"the pinned Pixi archive {pin.archive} (sha256 {pin.sha256})"
     try:
         tf = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by the `with` below
@@ -366,7 +369,7 @@ def obtain_pixi(
             _replace_dir(tmp, final_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("verified pixi %s (%s) at %s", pin.version, binary_sha, final_dir / "pixi")
+    _log().info("verified pixi %s (%s) at %s", pin.version, binary_sha, final_dir / "pixi")
     return VerifiedPixi(final_dir / "pixi", pin.version, binary_sha, "pin", pin.sha256)
 
 
@@ -427,7 +430,7 @@ def verify_pixi_executable(
         ) from None
     if trust:
         version = pixi_version_of(exe)
-        log.warning(
+        _log().warning(
             "using the UNVERIFIED Pixi %s at %s (sha256 %s) because --trust-pixi says so",
             version,
             exe,

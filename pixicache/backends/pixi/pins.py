@@ -28,6 +28,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+_SHIPPED = Path(__file__).resolve().parent.parent.parent / "data" / "pixi-pins.toml"
+"""The pin table shipped with pixicache (a real file: pixicache runs from files, bundle included)."""
+
 RELEASE_URL = "https://github.com/prefix-dev/pixi/releases/download/v{version}/pixi-{target}.tar.gz"
 
 
@@ -92,9 +95,7 @@ def load_pins(config: dict[str, Any] | None = None) -> tuple[list[PixiPin], str]
     Args:
         config: the parsed pixicache config file (its ``[pixi]`` table is used).
     """
-    from importlib.resources import files
-
-    shipped = tomllib.loads(files("pixicache").joinpath("data/pixi-pins.toml").read_text())
+    shipped = tomllib.loads(_SHIPPED.read_text())
     layers = [(shipped, "the shipped pin table")]
     if config and isinstance(config.get("pixi"), dict):
         layers.append((config["pixi"], "the config file's [pixi] table"))

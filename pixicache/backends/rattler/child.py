@@ -456,7 +456,15 @@ def _wait(argv: list[str]) -> tuple[str, str] | None:
     """``wait [--lock PATH]``: import rattler (and read PATH) now, then take the command
     from one line of stdin, ``{"command": ..., "payload": {...}}``; ``None`` at EOF (the
     parent did not need us)."""
-    import rattler  # noqa: F401  (the point: imported before the request comes)
+    # the point: everything an install imports, imported before the request comes
+    import asyncio  # noqa: F401
+    import importlib
+
+    import rattler  # noqa: F401
+
+    for module in ("rattler.install", "rattler.networking", "rattler.shell"):
+        with contextlib.suppress(ImportError):  # the command says so, if it needs one
+            importlib.import_module(module)
 
     if argv[:1] == ["--lock"] and len(argv) >= 2:
         _read_ahead(argv[1])

@@ -24,62 +24,71 @@ __all__ = ["CHILD_SCRIPT", "discard_ahead", "run_child", "start_ahead"]
 
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 _TAIL = 30
-_AHEAD: list[subprocess.Popen[str]] = []
+_AHEAD: list[tuple[subprocess.Popen[str], str | None]] = []  # (child, the lock it read ahead)
 _AT_EXIT: list[bool] = []  # discard_ahead is registered with atexit (once)
 
 
 def _argv(*args: str) -> list[str]:
     # The child is a stdlib-only script: run it by path (no package import to pay for),
-    # told where the bundle's py-rattler build is (never through PYTHONPATH).
+    # told where the bundle's py-rattler build is (never through PYTHONPATH). With the
+    # bundle's build named, it needs nothing from site-packages: -S skips their .pth
+    # files (-I: no user site, no PYTHON* variables of the job's environment).
     runtime = bundle_runtime()
-    where = ["--rattler-path", str(runtime.rattler_dir)] if runtime and runtime.rattler_dir else []
-    return [sys.executable, str(CHILD_SCRIPT), *where, *args]
+    if runtime and runtime.rattler_dir:
+        return [sys.executable, "-I", "-S", str(CHILD_SCRIPT), "--rattler-path", str(runtime.rattler_dir), *args]
+    return [sys.executable, str(CHILD_SCRIPT), *args]
 
 
 def start_ahead(lock: str | os.PathLike[str] | None = None) -> bool:
     """Start the child now, to import py-rattler (and read ``lock``) while this process
     is still planning: the next :func:`run_child` hands it its command instead of
-    starting one. A child that gets no command is ended at this process's exit
+    starting one. A child already waiting for the same lock is kept; one for another
+    lock is ended first. A child that gets no command is ended at this process's exit
     (:func:`discard_ahead`, registered with :mod:`atexit`; if this process dies, its
     stdin closes and it ends on its own). Returns whether one is waiting now (``False``: it could not start).
     """
-    if _AHEAD and _AHEAD[0].poll() is None:
-        return True
+    want = str(Path(lock).absolute()) if lock is not None else None
+    if _AHEAD:
+        proc, had = _AHEAD[0]
+        if proc.poll() is None and had == want:
+            return True
+        discard_ahead()
     if not _AT_EXIT:
         import atexit
 
         atexit.register(discard_ahead)  # reaped at exit, not left to end on its own
         _AT_EXIT.append(True)
-    _AHEAD.clear()
-    extra = ["--lock", str(Path(lock).absolute())] if lock is not None else []
+    extra = ["--lock", want] if want is not None else []
     with contextlib.suppress(OSError):
         _AHEAD.append(
-            subprocess.Popen(
-                _argv("wait", *extra),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+            (
+                subprocess.Popen(
+                    _argv("wait", *extra),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+                want,
             )
         )
     return bool(_AHEAD)
 
 
 def discard_ahead() -> None:
-    """End the child :func:`start_ahead` started, if no command took it: its stdin is
-    closed (it ends at EOF, quietly) and it is reaped."""
-    proc = _AHEAD.pop() if _AHEAD else None
+    """End the child :func:`start_ahead` started, if no command took it. It holds no
+    lock and writes nothing while it waits (it only imports py-rattler and reads the
+    lock), so it is killed rather than waited for, and reaped."""
+    proc = _AHEAD.pop()[0] if _AHEAD else None
     if proc is None:
         return
-    try:
-        proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
+    with contextlib.suppress(OSError):
         proc.kill()
-        proc.communicate()
+    proc.communicate()
 
 
 def _take_ahead() -> subprocess.Popen[str] | None:
-    proc = _AHEAD.pop() if _AHEAD else None
+    proc = _AHEAD.pop()[0] if _AHEAD else None
     if proc is not None and proc.poll() is not None:  # it died early: start afresh
         proc.communicate()
         return None
