@@ -112,8 +112,8 @@ def test_second_install_of_unchanged_lock_is_a_noop_in_milliseconds(
         raise AssertionError("a no-op install started a child process or a store view")
 
     # what makes it milliseconds: no py-rattler child, no store view, only stat calls
-    monkeypatch.setattr("pixicache.backends.rattler.process.subprocess.run", forbidden)
-    monkeypatch.setattr("pixicache.installers.rattler.StoreView.start", forbidden)
+    monkeypatch.setattr("pixicache.backends.rattler.process.subprocess.Popen", forbidden)
+    monkeypatch.setattr("pixicache.store.view.StoreView.start", forbidden)
     again = RattlerInstaller().install(req)
     monkeypatch.undo()
     print(f"no-op install: {again.seconds * 1000:.2f} ms")  # benchmarks/agent.py measures it
@@ -304,3 +304,50 @@ def test_a_child_started_ahead_and_never_used_ends_with_the_agent(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"the unused py-rattler child {pid} is still running")
+
+
+def test_a_warm_package_cache_installs_without_a_store_view(tmp_path, store, demo_lock, monkeypatch):
+    """Every package already extracted on the node: the second prefix needs no archive,
+    so no store view is started (its HTTP server is ~40 ms of a warm job)."""
+    RattlerInstaller().install(_request(tmp_path / "job1", demo_lock, store))
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a store view was started for a warm package cache")
+
+    monkeypatch.setattr("pixicache.store.view.StoreView.start", forbidden)
+    job2 = _request(tmp_path / "job2", demo_lock, store)
+    result = RattlerInstaller().install(job2)
+    assert result.changed and "no store view" in result.notes[0], result.notes
+    assert (job2.prefix / "bin" / "hello").is_file()
+
+
+def test_a_cache_entry_the_guard_repairs_is_fetched_through_the_view(tmp_path, store, demo_lock):
+    """A cache entry changed since extraction: the child's guard evicts it and asks for
+    the store view before rattler runs; the entry comes back from the node store."""
+    RattlerInstaller().install(_request(tmp_path / "job1", demo_lock, store))
+    cached = store.package_cache / "hello-data-1.0.0-h0_0" / "share" / "hello-data" / "greeting.txt"
+    pristine = cached.read_text()
+    with open(cached, "a") as fh:
+        fh.write("changed in the cache\n")
+    job2 = _request(tmp_path / "job2", demo_lock, store)
+    result = RattlerInstaller().install(job2)
+    assert "1 archive(s) from the store view" in result.notes[0], result.notes
+    assert not any("alone failed" in n for n in result.notes), result.notes  # asked, not failed
+    assert any("repaired package-cache entries" in n and "hello-data" in n for n in result.notes)
+    assert (job2.prefix / "share" / "hello-data" / "greeting.txt").read_text() == pristine
+
+
+def test_a_cache_entry_rattler_cannot_use_is_fetched_through_the_view(tmp_path, store, demo_lock):
+    """An entry rattler itself finds broken (without the guard): it wants the archive,
+    finds the channels mapped to a port that refuses, and the install is made again
+    through the view: nothing is fetched from anywhere else."""
+    RattlerInstaller(guard=False).install(_request(tmp_path / "job1", demo_lock, store))
+    entry = store.package_cache / "hello-data-1.0.0-h0_0"
+    (entry / "info" / "paths.json").unlink()
+    (entry / "info" / "index.json").unlink()
+    job2 = _request(tmp_path / "job2", demo_lock, store)
+    result = RattlerInstaller(guard=False).install(job2)
+    assert "archive(s) from the store view" in result.notes[0], result.notes
+    assert any("from the package cache alone failed" in n for n in result.notes), result.notes
+    greeting = job2.prefix / "share" / "hello-data" / "greeting.txt"
+    assert greeting.read_text().startswith("Hello")

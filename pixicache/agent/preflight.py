@@ -31,12 +31,10 @@ problem that says what to do, e.g. "this node's NVIDIA driver supports CUDA
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform as _platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -285,6 +283,8 @@ def _manifest_requirements(name: str, where: str, table: dict[str, Any]) -> list
 
 
 def _nvml_cuda() -> str | None:
+    import ctypes  # only for a lock that asks for CUDA (start-up time)
+
     for name in NVML_LIBRARIES:
         try:
             lib = ctypes.CDLL(name)
@@ -678,7 +678,7 @@ def preflight(
         _check_mirrors(report, list(sources), missing, client)
     report.seconds = time.monotonic() - start
     if raise_on_error and report.errors:
-        host = socket.gethostname()
+        host = os.uname().nodename  # gethostname(2)
         lines = [f"preflight failed on {host} for environment '{environment}' ({platform}):"]
         lines.extend(f"  - {c.detail}" for c in report.errors)
         raise PreflightError("\n".join(lines))

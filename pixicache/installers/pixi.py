@@ -53,7 +53,6 @@ from typing import TYPE_CHECKING, ClassVar
 from pixicache.backends.pixi.commands import pixi_environment, pixi_install_argv
 from pixicache.errors import InstallError
 from pixicache.installers.base import InstallRequest, InstallResult
-from pixicache.store.view import StoreView
 
 if TYPE_CHECKING:
     pass
@@ -173,6 +172,8 @@ class PixiInstaller:
         tmp = Path(tempfile.mkdtemp(prefix="pixicache-pixi-"))
         try:
             indexes = request.lock.environment(request.environment).indexes
+            from pixicache.store.view import StoreView  # http.server: only when Pixi installs
+
             with StoreView(request.store, artifacts, indexes=indexes) as view:
                 mirrors = view.mirrors(request.channels(), pypi)
                 config_file = tmp / "config.toml"

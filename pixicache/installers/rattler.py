@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pixicache.backends.pixi.envfile import ENVIRONMENT_FILE
 from pixicache.backends.rattler.child import STATE_FILE, write_state
@@ -55,7 +55,9 @@ from pixicache.backends.rattler.process import run_child
 from pixicache.errors import InstallError, LockError
 from pixicache.installers.base import InstallRequest, InstallResult
 from pixicache.model.artifact import Artifact
-from pixicache.store.view import StoreView
+
+if TYPE_CHECKING:
+    from pixicache.store.view import StoreView
 
 __all__ = [
     "STATE_SCHEMA",
@@ -255,6 +257,19 @@ def _refuse_conda_sources(packages: list[Any]) -> None:
         )
 
 
+def _cache_holds(cache: Path, packages: list[Any]) -> bool:
+    """Whether rattler's package cache has an entry (``name-version-build/``) for every
+    conda package: then the install needs no archive (the child's cache guard still
+    checks each entry against its snapshot before linking)."""
+    try:
+        present = set(os.listdir(cache))
+    except OSError:
+        return False
+    return all(
+        f"{p.name}-{p.version}-{p.build}" in present for p in packages if p.kind == "conda"
+    )
+
+
 def _pypi_count(request: InstallRequest) -> int:
     return sum(
         1 for p in request.lock.packages(request.environment, request.platform) if p.kind == "pypi"
@@ -322,34 +337,31 @@ class RattlerInstaller:
         cache = Path(request.package_cache).absolute()
         cache.mkdir(parents=True, exist_ok=True)
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        artifacts = request.lock.artifacts(request.environment, request.platform)
-        view = StoreView(request.store, artifacts).start()
-        try:
-            payload = {
-                "lock": str(Path(request.lock.path).absolute()),
-                "environment": request.environment,
-                "platform": request.platform,
-                "prefix": str(prefix),
-                "package_cache": str(cache),
-                "mirrors": view.mirrors(request.channels()),
-                # with PyPI packages, the marker is written once they are installed too
-                "state": None if _pypi_count(request) else _wanted_state(request),
-                "guard": self.guard,
-            }
-            try:
-                answer = run_child("install", payload, timeout=self.timeout)
-            except InstallError as exc:
-                raise _explained(exc, view, artifacts) from None
-            served = len([r for r in view.requests if r.status == 200])
-        finally:
-            # StoreView.stop() waits for its server loop's poll interval (0.1 s):
-            # nothing needs it any more, so it stops in the background.
-            threading.Thread(
-                target=view.stop, name="pixicache-store-view-stop", daemon=True
-            ).start()
-        notes = [
-            f"{answer.get('operations', 0)} link/unlink operation(s); {served} archive(s) from the store view"
-        ]
+        payload = {
+            "lock": str(Path(request.lock.path).absolute()),
+            "environment": request.environment,
+            "platform": request.platform,
+            "prefix": str(prefix),
+            "package_cache": str(cache),
+            # with PyPI packages, the marker is written once they are installed too
+            "state": None if _pypi_count(request) else _wanted_state(request),
+            "guard": self.guard,
+        }
+        answer, first, note = None, None, None
+        if _cache_holds(cache, packages):
+            answer, note = self._install_from_cache(request, payload)
+            if answer is not None and answer.get("need_view"):
+                first, answer = answer, None
+        if answer is None:
+            answer, served = self._install_through_view(request, payload)
+            where = f"{served} archive(s) from the store view"
+            for key in ("evicted", "verified"):  # what the first child's guard did
+                answer[key] = [*(first or {}).get(key, []), *answer.get(key, [])]
+        else:
+            where = "no archive needed: every package was in the package cache (no store view)"
+        notes = [f"{answer.get('operations', 0)} link/unlink operation(s); {where}"]
+        if note:
+            notes.append(note)
         pypi_changed = False
         if _pypi_count(request):
             plan = install_pypi(request)
@@ -384,3 +396,56 @@ class RattlerInstaller:
             packages=len(packages),
             notes=notes,
         )
+
+    def _install_from_cache(
+        self, request: InstallRequest, payload: dict[str, Any]
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """The install when the package cache has every package: no store view (its
+        HTTP server costs ~40 ms to import and start). The child's cache guard checks
+        each entry first; if one is missing or was repaired (evicted), it answers
+        ``need_view`` without installing. The channels are mapped to a local port
+        that refuses connections, so a download rattler still wants fails at once
+        and nothing is fetched from anywhere; that failure is ``(None, why)``, and the
+        caller installs through the view."""
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as refuse:
+            refuse.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+            nowhere = f"http://127.0.0.1:{refuse.getsockname()[1]}/no-downloads"
+            mirrors = {ch: [nowhere] for ch in request.channels()}
+            try:
+                answer = run_child(
+                    "install", {**payload, "mirrors": mirrors, "view_if_needed": True},
+                    timeout=self.timeout,
+                )  # fmt: skip
+            except InstallError as exc:
+                first = str(exc).splitlines()[0][:300]
+                return None, (
+                    f"installing from the package cache alone failed ({first}); "
+                    "installed through the store view"
+                )
+        return answer, None
+
+    def _install_through_view(
+        self, request: InstallRequest, payload: dict[str, Any]
+    ) -> tuple[dict[str, Any], int]:
+        """The install with every channel mapped to a :class:`StoreView` of the node
+        store: the child's answer and how many archives the view served."""
+        from pixicache.store.view import StoreView
+
+        artifacts = request.lock.artifacts(request.environment, request.platform)
+        view = StoreView(request.store, artifacts).start()
+        try:
+            try:
+                answer = run_child(
+                    "install", {**payload, "mirrors": view.mirrors(request.channels())}, timeout=self.timeout
+                )
+            except InstallError as exc:
+                raise _explained(exc, view, artifacts) from None
+            return answer, len([r for r in view.requests if r.status == 200])
+        finally:
+            # StoreView.stop() waits for its server loop's poll interval (0.1 s):
+            # nothing needs it any more, so it stops in the background.
+            threading.Thread(
+                target=view.stop, name="pixicache-store-view-stop", daemon=True
+            ).start()

@@ -19,7 +19,9 @@ in 0.25, a ``BuildString`` in 0.28).
 ``install`` request keys: ``lock``, ``environment``, ``platform``, ``prefix``
 (absolute), ``package_cache``, ``mirrors`` (channel URL -> list of mirror
 URLs, for rattler's ``MirrorMiddleware``), ``state`` (the dict written to the
-prefix marker), ``guard`` (default true). It answers ``{"ok": true,
+prefix marker), ``guard`` (default true), ``view_if_needed`` (the parent started no
+store view: when the checked cache lacks an entry, answer ``{"ok": true, "need_view":
+true, "missing": [...], "evicted": [...]}`` without installing). It answers ``{"ok": true,
 "operations": n, "evicted": [...], "verified": [...], "seconds": s}`` or
 ``{"ok": false, "error": "...", "type": "..."}`` (exit code 5).
 
@@ -401,6 +403,20 @@ def cmd_install(req: dict[str, Any]) -> dict[str, Any]:
         with cache_lock(cache):
             guard.before_install(entries)
     timings["guard_before"] = time.monotonic() - t
+    if req.get("view_if_needed"):
+        # the parent started no store view: install only if no archive is needed
+        wanted = [e for e, _ in entries]
+        missing = [e for e in wanted if e not in guard._clean] if guard else [
+            e for e in wanted if not (cache / e).is_dir()
+        ]
+        if missing:
+            return {
+                "ok": True,
+                "need_view": True,
+                "missing": missing[:20],
+                "evicted": guard.evicted if guard else [],
+                "verified": guard.verified if guard else [],
+            }
     started_ns = time.time_ns()
     import asyncio
 
