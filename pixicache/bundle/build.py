@@ -205,9 +205,9 @@ run_from_archive(_archive, META)
 from pixicache.agent.ahead import start_from_argv  # noqa: E402  (from the unpacked files now)
 
 start_from_argv(sys.argv[1:])  # the py-rattler child starts while the CLI is imported
-from pixicache.cli import main  # noqa: E402
+from pixicache.cli import entry  # noqa: E402
 
-main()
+entry()
 """
 
 
