@@ -778,3 +778,41 @@ def test_workers_that_cannot_start_say_why_once_with_the_documented_code(tmp_pat
     assert proc.returncode == 7, proc.stderr  # StoreError
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("cannot create the store") == 1, proc.stderr
+
+
+def test_a_client_that_stops_reading_a_hit_is_dropped_after_the_send_timeout(
+    tmp_path, upstream, upstream_root, client
+):
+    """A hit larger than the sockets' buffers, to a client that reads its headers and
+    stops: the server drops it once it has accepted nothing for the send timeout
+    (its connection is not held for good), and serves other clients meanwhile."""
+    import socket
+    import time as _time
+
+    data = os.urandom(48 << 20)
+    sha = put(upstream_root, PKG, data)
+    with start_background(serve_config(tmp_path, upstream, send_timeout=1.0)) as srv:
+        url = f"{srv.url}/{PKG}"
+        assert client.get(url, headers={"x-expected-sha256": sha}).content == data  # the fill
+        srv.wait_idle()
+        host, port = srv.url.split("//", 1)[1].split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.connect((host, int(port)))
+        sock.sendall(f"GET /{PKG} HTTP/1.1\r\nHost: x\r\nx-expected-sha256: {sha}\r\n\r\n".encode())
+        got = sock.recv(4096)
+        assert b" 200 " in got.split(b"\r\n", 1)[0] and b"x-pixicache-cache: hit" in got.lower()
+        start = _time.monotonic()
+        _time.sleep(3.0)  # accepts nothing for longer than the send timeout
+        other = client.get(url, headers={"x-expected-sha256": sha})
+        assert other.status_code == 200 and other.content == data  # the server is not stuck
+        total = len(got)
+        sock.settimeout(20)
+        try:
+            while chunk := sock.recv(1 << 20):
+                total += len(chunk)
+        except ConnectionResetError:
+            pass
+        sock.close()
+        assert total < len(data), "the stalled client was sent the whole body"
+        assert _time.monotonic() - start < 20

@@ -567,7 +567,7 @@ class ServeApp:
         """Send a committed blob (``None``: it vanished meanwhile (evicted), or it is not
         the digest's bytes any more, or something else stands at its path: a miss)."""
         try:
-            fd = self._open_blob(sha)
+            fd, st = self._open_blob(sha)
         except (FileNotFoundError, NotADirectoryError):
             self._url_index.pop(url or "", None)
             return None
@@ -577,11 +577,10 @@ class ServeApp:
             with contextlib.suppress(Exception):
                 await self._in_thread(self.store.verify, [sha])
             return None
-        if not await self.trust.sendable(sha, fd):
+        if not await self.trust.sendable(sha, fd, st):
             os.close(fd)
             self._url_index.pop(url or "", None)
             return None
-        st = os.fstat(fd)
         pin = None
         if st.st_size > SMALL_BODY:  # a long send: gc skips pinned blobs (a small one is read at once)
             pin = FileLock(
@@ -614,10 +613,11 @@ class ServeApp:
             if pin is not None:
                 pin.release()
 
-    def _open_blob(self, sha: str) -> int:
+    def _open_blob(self, sha: str) -> tuple[int, os.stat_result]:
         """Open a blob for reading, never through a link: relative to its fan-out
         directory, opened (once per process, without following a link) and kept; a
-        stale one (the directory was replaced) is opened afresh once."""
+        stale one (the directory was replaced) is opened afresh once. Returns the fd
+        and its ``fstat``."""
         sub = self.store.fanout(sha)  # a digest, so a safe name relative to it
         for attempt in (0, 1):
             dfd = self._dirfds.get(sub)
@@ -643,11 +643,11 @@ class ServeApp:
                 if exc.errno == errno.ELOOP:
                     raise NotRegular(self.store.path_for(sha), "a symbolic link") from None
                 raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise NotRegular(self.store.path_for(sha), "not a regular file")
-        return fd
+        return fd, st
 
     async def _send_file(
         self,

@@ -184,8 +184,8 @@ class ServeConfig:
             (for the per-client cap and the log), not the cache itself.
         header_timeout: seconds a connection may take to deliver a complete
             request (from connect, or from the end of the previous response).
-        send_timeout: seconds a client may take to accept one chunk (4 MiB) of a
-            response before it is dropped.
+        send_timeout: seconds a client may accept nothing of a response (of a
+            file's body; of each 4 MiB chunk over TLS) before it is dropped.
         upstream_connect_timeout, upstream_read_timeout: per upstream request;
             the read timeout applies between two reads of the body.
         upstream_connections: concurrent connections to all upstreams together.

@@ -7,10 +7,10 @@
 * Range and dates are read by :mod:`pixicache.httputil` (multi-range requests
   are answered with the whole body, which RFC 9110 allows).
 * :func:`not_modified` / :func:`if_range_allows` evaluate the validators.
-* :func:`send_region` sends part of a file with ``loop.sendfile`` (zero-copy
-  ``sendfile(2)`` on a plain TCP transport), in chunks each bounded by a send
-  timeout, so a client that stops reading is dropped instead of holding a
-  connection forever.
+* :func:`send_region` sends part of a file by zero-copy ``sendfile(2)``: what the
+  socket takes at once, then from one writer callback driven by writability (or
+  ``loop.sendfile`` in chunks, for TLS), with a send timeout, so a client that stops
+  reading is dropped instead of holding a connection forever.
 """
 
 from __future__ import annotations
@@ -206,6 +206,8 @@ async def send_region(
     """
     loop = asyncio.get_running_loop()
     sent = _send_now(request, fobj, offset, count)
+    if sent < count:
+        sent += await _send_when_writable(request, fobj, offset + sent, count - sent, timeout)
     while sent < count:
         transport = request.transport
         if transport is None or transport.is_closing():
@@ -251,6 +253,90 @@ def _send_now(request: web.BaseRequest, fobj: IO[bytes], offset: int, count: int
         if n == 0:  # the file is shorter than it was: loop.sendfile says so
             break
         sent += n
+    return sent
+
+
+async def _send_when_writable(
+    request: web.BaseRequest, fobj: IO[bytes], offset: int, count: int, timeout: float
+) -> int:
+    """The rest of a region by ``sendfile(2)`` from one writer callback: what
+    ``loop.sendfile`` does per call (pause reading, register the socket for
+    writability, a timeout per chunk, unregister, resume reading), once for the whole
+    region, with one watchdog that drops a client that accepts nothing for
+    ``timeout`` seconds. Returns the bytes sent (``0``: not possible here, e.g. TLS or
+    an event loop without selector writers: the caller sends them another way).
+
+    Raises:
+        ConnectionResetError: the client went away or stopped reading (the
+            connection is aborted).
+    """
+    loop = asyncio.get_running_loop()
+    transport = request.transport
+    add = getattr(loop, "_add_writer", None)  # the selector loop's, minus the "used by a transport" check
+    remove = getattr(loop, "_remove_writer", None)
+    if (
+        add is None
+        or remove is None
+        or transport is None
+        or transport.is_closing()
+        or transport.get_write_buffer_size()
+        or transport.get_extra_info("sslcontext") is not None
+    ):
+        return 0
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    out_fd, in_fd = sock.fileno(), fobj.fileno()
+    done: asyncio.Future[None] = loop.create_future()
+    sent = 0
+    last = loop.time()  # when the client last took some
+    timer: asyncio.TimerHandle | None = None
+
+    def writable() -> None:
+        nonlocal sent, last
+        if done.done():
+            return
+        try:
+            while sent < count:
+                n = os.sendfile(out_fd, in_fd, offset + sent, count - sent)
+                if n == 0:  # the file is shorter than it was
+                    done.set_exception(ConnectionResetError("the file changed while being sent"))
+                    return
+                sent += n
+                last = loop.time()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            done.set_exception(ConnectionResetError(str(exc)))
+            return
+        done.set_result(None)
+
+    def watchdog() -> None:
+        nonlocal timer
+        if done.done():
+            return
+        idle = loop.time() - last
+        if idle >= timeout:
+            done.set_exception(ConnectionResetError(f"client accepted no data for {timeout:g} s"))
+        else:
+            timer = loop.call_later(timeout - idle, watchdog)
+
+    reading = transport.is_reading()
+    if reading:
+        transport.pause_reading()  # an EOF must not close the socket under the writer
+    add(out_fd, writable)
+    timer = loop.call_later(timeout, watchdog)
+    try:
+        await done
+    except ConnectionResetError:
+        abort(request)
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+        remove(out_fd)
+        if reading and not transport.is_closing():
+            transport.resume_reading()
     return sent
 
 

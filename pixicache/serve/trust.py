@@ -61,10 +61,11 @@ class BlobTrust:
         self._max = max_known
         self._uid = os.getuid()
 
-    async def sendable(self, sha: str, fd: int) -> bool:
-        """True if the open blob ``fd`` may be sent as ``sha``; False: it was bad (and is
-        quarantined now)."""
-        st = os.fstat(fd)
+    async def sendable(self, sha: str, fd: int, st: os.stat_result | None = None) -> bool:
+        """True if the open blob ``fd`` (whose ``fstat`` is ``st``, if the caller has it)
+        may be sent as ``sha``; False: it was bad (and is quarantined now)."""
+        if st is None:
+            st = os.fstat(fd)
         ident = file_identity(st)
         if self._known.get(sha) == ident:
             return True
