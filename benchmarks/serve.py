@@ -342,6 +342,20 @@ shutdown_lifetime 1 seconds
     return s
 
 
+def start_aiohttp_floor(root: Path, work: Path) -> Server:
+    """``benchmarks/aiohttp_floor.py`` serving ``root`` (see its docstring)."""
+    port = free_port()
+    log = work / "aiohttp-floor.log"
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE.parent / "aiohttp_floor.py"), str(root), str(port)],
+        stderr=open(log, "w"),  # noqa: SIM115 - the child owns it
+    )
+    wait_port("127.0.0.1", port, proc, "aiohttp floor", log)
+    s = Server(proc, f"http://127.0.0.1:{port}")
+    s.name = "aiohttp floor"
+    return s
+
+
 def start_pixicache(upstream: str, work: Path, name: str, workers: int = 1) -> Server:
     log = work / f"{name}.log"
     store = work / f"{name}-store"
@@ -479,6 +493,7 @@ def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any],
                 raise RuntimeError(f"warming pixicache: {r['failures'][:3]}")
             servers.append(px)
             servers.append(start_nginx_static(root, work, f"ng-hits{workers}", "127.0.0.1", workers))
+        servers.append(start_aiohttp_floor(root, work))
         for _rep in range(repeat):
             for srv in servers:
                 at = [[it[0].replace("{base}", srv.url), it[1], it[2]] for it in items]
@@ -487,8 +502,10 @@ def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any],
                 r = run_clients(1, {"items": big_at, "threads": 8, "repeat": 8}, work, startup=0.3)
                 out.setdefault(f"{srv.name} big GB/s", []).append(r["bytes"] / r["seconds"] / 1e9)
                 out.setdefault(f"{srv.name} big cores", []).append((srv.cpu() - c0) / r["seconds"])
+                c0 = srv.cpu()
                 r = run_clients(1, {"items": at, "threads": 8, "repeat": 5}, work, startup=0.3)
                 out.setdefault(f"{srv.name} small req/s", []).append(r["requests"] / r["seconds"])
+                out.setdefault(f"{srv.name} small ms/req", []).append((srv.cpu() - c0) / r["requests"] * 1000)
     finally:
         for srv in servers:
             srv.stop()
@@ -562,19 +579,27 @@ def _hits_rows(hits: dict[str, Any], blob: int, artifacts: int) -> list[str]:
     lines = [
         f"### hits (warm): one {blob / 2**20:.0f} MiB blob x 8 connections; {artifacts} artifacts x 8 connections",
         "",
-        "| server | big blob GB/s | server CPU (cores) | artifacts req/s | req/s ÷ nginx, same workers |",
-        "|---|---|---|---|---|",
+        "| server | big blob GB/s | server CPU (cores) | artifacts req/s | server CPU ms per request | req/s ÷ nginx, same workers |",
+        "|---|---|---|---|---|---|",
     ]
-    for workers in (1, 2):
-        px = "pixicache" if workers == 1 else "pixicache x2"
-        ng = f"nginx x{workers}"
-        for name in (px, ng):
-            rq = hits.get(f"{name} small req/s", [])
-            lines.append(
-                f"| {name} | {med(hits.get(f'{name} big GB/s', [])):.2f} | "
-                f"{med(hits.get(f'{name} big cores', [])):.2f} | {med(rq):.0f} | "
-                + (f"{ratio_of(rq, hits.get(f'{ng} small req/s', [])):.2f}x |" if name == px else "1.00x |")
-            )
+    rows = [("pixicache", "nginx x1"), ("nginx x1", None), ("aiohttp floor", "nginx x1"),
+            ("pixicache x2", "nginx x2"), ("nginx x2", None)]
+    for name, ng in rows:
+        rq = hits.get(f"{name} small req/s", [])
+        if not rq:
+            continue
+        lines.append(
+            f"| {name} | {med(hits.get(f'{name} big GB/s', [])):.2f} | "
+            f"{med(hits.get(f'{name} big cores', [])):.2f} | {med(rq):.0f} | "
+            f"{med(hits.get(f'{name} small ms/req', [])):.2f} | "
+            + (f"{ratio_of(rq, hits.get(f'{ng} small req/s', [])):.2f}x |" if ng else "1.00x |")
+        )
+    lines.append("")
+    lines.append(
+        "(aiohttp floor: `benchmarks/aiohttp_floor.py`, aiohttp's low-level server with a "
+        "handler that only opens the file and sends it: the least a server built on "
+        "aiohttp, as pixicache is, costs per request.)"
+    )
     return lines
 
 
