@@ -816,3 +816,37 @@ def test_a_client_that_stops_reading_a_hit_is_dropped_after_the_send_timeout(
         sock.close()
         assert total < len(data), "the stalled client was sent the whole body"
         assert _time.monotonic() - start < 20
+
+
+def test_a_large_hit_is_complete_through_either_send_path(
+    tmp_path, upstream, upstream_root, client, monkeypatch
+):
+    """What the socket does not take at once goes out from one writer callback, or,
+    where that cannot be used (TLS; a loop without selector writers), through
+    ``loop.sendfile`` in chunks: both deliver every byte, in order."""
+    from pixicache.serve import http as serve_http
+
+    data = os.urandom(24 << 20)
+    sha = put(upstream_root, PKG, data)
+    with start_background(serve_config(tmp_path, upstream)) as srv:
+        url = f"{srv.url}/{PKG}"
+        assert client.get(url, headers={"x-expected-sha256": sha}).content == data  # the fill
+        srv.wait_idle()
+        used: list[int] = []
+        real = serve_http._send_when_writable
+
+        async def counted(*args: object, **kwargs: object) -> int:
+            used.append(n := await real(*args, **kwargs))  # type: ignore[arg-type]
+            return n
+
+        monkeypatch.setattr(serve_http, "_send_when_writable", counted)
+        hit = client.get(url, headers={"x-expected-sha256": sha})
+        assert hit.headers["x-pixicache-cache"] == "hit" and hit.content == data
+        assert used and used[0] > 0  # the writer callback sent the rest
+
+        async def unavailable(*args: object, **kwargs: object) -> int:
+            return 0
+
+        monkeypatch.setattr(serve_http, "_send_when_writable", unavailable)
+        again = client.get(url, headers={"x-expected-sha256": sha})
+        assert again.headers["x-pixicache-cache"] == "hit" and again.content == data
