@@ -16,7 +16,11 @@ How a prefix is made (``<workspace>/.pixi/envs/<env>``, where Pixi puts it):
    keeps the lock's original URLs. (A ``file://`` mirror is rejected by
    rattler's HTTP client — "URL scheme is not allowed" — and pre-seeding
    the package cache would mean re-implementing its layout: both measured,
-   both rejected.)
+   both rejected.) When the package cache already has an entry for every
+   package (a warm node), no view is started: the child's cache guard checks
+   the entries and asks for the view only if one is missing or repaired, and
+   the channels point at a port that refuses, so nothing is ever fetched
+   past the store (:meth:`RattlerInstaller._install_from_cache`).
 3. **Install in a child process** (``python -m pixicache.backends.rattler.child``),
    which exits with ``os._exit``: py-rattler can crash at interpreter exit.
    ``rattler.install`` makes the prefix hold exactly the lock's records and
