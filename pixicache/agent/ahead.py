@@ -32,15 +32,21 @@ def start_installer_ahead(options: AgentOptions, manifest: Path) -> bool:
     (:func:`start_from_argv`) is kept when it read this lock, ended when the rattler
     installer cannot run.
     """
-    from pixicache.backends.rattler.process import discard_ahead, start_ahead
+    from pixicache.backends.rattler.process import discard_ahead
 
-    if not options.may_use_rattler:
-        discard_ahead()
-        return False
+    if options.may_use_rattler and _start_for(manifest):
+        return True
+    discard_ahead()
+    return False
+
+
+def _start_for(manifest: Path) -> bool:
+    """Start (or keep) the child for the lock beside ``manifest`` where py-rattler can
+    be used; whether one is waiting."""
     from pixicache.backends.rattler.probe import rattler_available
+    from pixicache.backends.rattler.process import start_ahead
 
     if not rattler_available()[0]:
-        discard_ahead()
         return False
     lock = manifest.absolute().parent / "pixi.lock"
     return start_ahead(lock if lock.is_file() else None)
@@ -88,15 +94,7 @@ def _start_from_argv(argv: list[str]) -> bool:
                 next(words, None)
         elif not word.startswith("-"):
             break  # run's TASK: what follows is the task's
-    if installer not in ("auto", "rattler"):
-        return False
-    from pixicache.backends.rattler.probe import rattler_available
-    from pixicache.backends.rattler.process import start_ahead
-
-    if not rattler_available()[0]:
-        return False
-    lock = Path(manifest).absolute().parent / "pixi.lock"
-    return start_ahead(lock if lock.is_file() else None)
+    return installer in ("auto", "rattler") and _start_for(Path(manifest))
 
 
 def end_installer_ahead() -> None:

@@ -259,6 +259,11 @@ class CacheGuard:
             if state == "changed":
                 self.evict(entry)
 
+    def unready(self, entries: list[tuple[str, str]]) -> list[str]:
+        """The entries :meth:`before_install` did not find present and intact (missing,
+        or evicted): the install would have to extract them from an archive."""
+        return [entry for entry, _ in entries if entry not in self._clean]
+
     def after_install(self, entries: list[tuple[str, str]], started_ns: int) -> list[str]:
         """Snapshot new entries; returns those modified since ``started_ns`` (evicted).
 
@@ -405,10 +410,10 @@ def cmd_install(req: dict[str, Any]) -> dict[str, Any]:
     timings["guard_before"] = time.monotonic() - t
     if req.get("view_if_needed"):
         # the parent started no store view: install only if no archive is needed
-        wanted = [e for e, _ in entries]
-        missing = [e for e in wanted if e not in guard._clean] if guard else [
-            e for e in wanted if not (cache / e).is_dir()
-        ]
+        if guard is not None:
+            missing = guard.unready(entries)
+        else:
+            missing = [e for e, _ in entries if not (cache / e).is_dir()]
         if missing:
             return {
                 "ok": True,
