@@ -184,6 +184,27 @@ def test_upstream_too_slow_is_a_504_then_recovers(tmp_path, upstream, upstream_r
         assert ok.status_code == 200 and ok.content == data
 
 
+def test_a_body_that_stalls_is_cut_after_the_read_timeout_and_resumed(
+    tmp_path, upstream, upstream_root, client
+):
+    data = os.urandom(2_500_000)
+    sha = put(upstream_root, PKG, data)
+    upstream.fault(UP_PATH, "stall", after=1_300_000, seconds=30, times=1)
+    cfg = serve_config(tmp_path, upstream, upstream_read_timeout=0.7)
+    with start_background(cfg) as srv:
+        t0 = time.monotonic()
+        kind, detail = outcome(client, f"{srv.url}/{PKG}", {"x-expected-sha256": sha})
+        assert kind == "aborted" or (kind == "status" and detail == 504), (kind, detail)
+        srv.wait_idle()
+        assert time.monotonic() - t0 < 10  # the timeout cut it, not the stall's end
+        kept = store_of(srv).partial_dir / f"{sha}.part"
+        got = kept.stat().st_size
+        assert 0 < got <= 1_300_000 and kept.read_bytes() == data[:got]
+        ok = client.get(f"{srv.url}/{PKG}", headers={"x-expected-sha256": sha})
+        assert ok.status_code == 200 and ok.content == data
+        assert upstream.requests[-1].range == f"bytes={got}-"
+
+
 # -- client behaviour during a fill --------------------------------------------------------------
 
 

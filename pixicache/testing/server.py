@@ -29,9 +29,10 @@ kind           effect (parameters)
 ``wrong_bytes`` send the right length with ``nbytes`` bytes flipped (XOR 0xFF) from
                offset ``at`` of the body (default: its middle)
 ``slow``       throttle the body to ``rate`` bytes per second
+``stall``      send ``after`` body bytes, send nothing for ``seconds``, then the rest
 =============  ======================================================================
 
-``truncate``, ``wrong_bytes`` and ``slow`` act on (and are used up by) ``GET``
+``truncate``, ``wrong_bytes``, ``slow`` and ``stall`` act on (and are used up by) ``GET``
 requests that have a body to send (200/206); ``status``, ``delay`` and
 ``reset`` act on any request that matches. Only the first matching fault that
 has uses left applies to a request.
@@ -73,10 +74,10 @@ from pixicache.httputil import parse_range
 
 __all__ = ["FAULT_KINDS", "Fault", "RequestRecord", "UpstreamServer", "main"]
 
-FAULT_KINDS = ("status", "delay", "reset", "truncate", "wrong_bytes", "slow")
+FAULT_KINDS = ("status", "delay", "reset", "truncate", "wrong_bytes", "slow", "stall")
 """The fault kinds :meth:`UpstreamServer.fault` accepts."""
 
-_BODY_FAULTS = frozenset({"truncate", "wrong_bytes", "slow"})
+_BODY_FAULTS = frozenset({"truncate", "wrong_bytes", "slow", "stall"})
 _FAULT_PARAMS: dict[str, frozenset[str]] = {
     "status": frozenset({"code", "headers", "body"}),
     "delay": frozenset({"seconds"}),
@@ -84,6 +85,7 @@ _FAULT_PARAMS: dict[str, frozenset[str]] = {
     "truncate": frozenset({"after"}),
     "wrong_bytes": frozenset({"at", "nbytes"}),
     "slow": frozenset({"rate"}),
+    "stall": frozenset({"after", "seconds"}),
 }
 _SENDFILE_CHUNK = 16 << 20
 _COPY_CHUNK = 1 << 20
@@ -299,6 +301,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Abort
         if kind == "slow":
             self._copy(rec, fh, start, length, rate=float(fault.params["rate"]))
+        elif kind == "stall":
+            after = min(length, int(fault.params["after"]))
+            self._copy(rec, fh, start, after)
+            if self.server.owner._stopping.wait(float(fault.params["seconds"])):
+                raise _Abort
+            self._copy(rec, fh, start + after, length - after)
         else:  # wrong_bytes
             at = fault.params.get("at")
             at = length // 2 if at is None else int(at)
@@ -555,6 +563,8 @@ class UpstreamServer:
             raise ValueError("fault 'slow' needs rate=<bytes per second> > 0")
         if kind == "delay" and "seconds" not in params:
             raise ValueError("fault 'delay' needs seconds=<float>")
+        if kind == "stall" and not {"after", "seconds"} <= set(params):
+            raise ValueError("fault 'stall' needs after=<bytes> and seconds=<float>")
         if times is not None and times < 1:
             raise ValueError("times must be >= 1 (or None for always)")
         meths = frozenset(m.upper() for m in methods) if methods is not None else None
