@@ -361,7 +361,7 @@ a=$PPID; b=$(cut -d' ' -f4 /proc/$PPID/stat)
 for p in /proc/[0-9]*; do
   ppid=$(cut -d' ' -f4 "$p/stat" 2>/dev/null) || continue
   [ "$ppid" = "$a" ] || [ "$ppid" = "$b" ] || continue
-  if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q 'child.py.* wait'; then echo AHEAD-ALIVE; fi
+  if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q 'rattler.child import run'; then echo AHEAD-ALIVE; fi
 done
 echo checked
 """

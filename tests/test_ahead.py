@@ -49,3 +49,27 @@ def test_a_guess_that_fails_is_no_child(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(probe, "rattler_available", broken)
     assert ahead.start_from_argv(["install"]) is False
+
+
+def test_the_launchers_prewarmed_child_is_ended_when_no_child_is_wanted() -> None:
+    """The bundle's launcher starts a child for any command line naming install or run;
+    when the guess then says no (here: the Pixi installer), that child is ended at once,
+    not left beside the job."""
+    import subprocess
+    import sys
+
+    from pixicache.agent import ahead
+    from pixicache.bundle import runtime
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    runtime._PREWARMED.append(proc)
+    try:
+        assert ahead.start_from_argv(["install", "--installer", "pixi"]) is False
+        assert proc.poll() is not None and runtime.take_prewarmed() is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -37,6 +37,8 @@ from pixicache.testing.condor import JOB_PATH, starter_environment, write_ads
 from pixicache.testing.condor import job_python as find_job_python
 from pixicache.testing.server import mirrored_upstream
 
+from .test_agent import CHECK_AHEAD
+
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = REPO / "bootstrap.sh"
 TRAIN = REPO / "train_mnist.py"
@@ -387,6 +389,111 @@ def test_an_interpreter_that_writes_no_bytecode_gets_it_written_once(
     proc = run_bundle(job_python.path, bundle.path, "--version", env=env2, flags=("-S",))
     assert proc.returncode == 0 and "bytecode" not in proc.stderr, proc.stderr
     assert not (other / bundle.build_id / "site" / f".pixicache-compiled-{tag}").exists()
+
+
+def _processes_of(executable: str) -> list[str]:
+    """Command lines of the running processes started as ``executable``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].decode(errors="replace") == executable:
+            found.append(" ".join(a.decode(errors="replace") for a in argv))
+    return found
+
+
+def test_a_warm_bundle_start_runs_from_the_unpacked_files_with_a_prewarmed_child(
+    bundle: BundleInfo, job_python: JobPython, channel: Channel, lock: Path, tmp_path: Path
+) -> None:
+    """Once unpacked, the launcher imports only its first step from the zip (every module
+    from there is compiled at every start), and an install uses the py-rattler child the
+    launcher started before anything else; a command that needs none leaves none behind."""
+    python = tmp_path / "job-python"  # a name of its own: its processes can be found
+    python.symlink_to(job_python.path)
+    store = tmp_path / "store"
+    env = {"PATH": JOB_PATH, "HOME": str(tmp_path), "PIXICACHE_CACHE_DIR": str(store)}
+    with UpstreamServer(channel.root) as up:
+        source = f"mirror={up.url}"
+        for name in ("first", "second"):
+            ws = tmp_path / name
+            ws.mkdir()
+            (ws / "pixi.toml").write_text(TEST_MANIFEST)
+            shutil.copy2(lock, ws / "pixi.lock")
+            proc = subprocess.run(
+                [str(python), "-I", "-v", str(bundle.path), "install", "--source", source],
+                cwd=ws, env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            report = json.loads((ws / "pixicache-report.json").read_text())
+            assert any(
+                "started ahead of need (pre-warmed by the launcher" in note
+                for note in report["installer"]["notes"]
+            ), report["installer"]["notes"]
+        # a re-run on the node: its install is a no-op, so the child the launcher
+        # pre-warmed is ended before the task starts (the task looks for it)
+        ws = tmp_path / "second"
+        (ws / "pixi.toml").write_text(
+            TEST_MANIFEST.replace("[tasks]\n", '[tasks]\ncheck = "sh ./check.sh"\n', 1)
+        )
+        (ws / "check.sh").write_text(CHECK_AHEAD)
+        rerun = subprocess.run(
+            [str(python), "-I", str(bundle.path), "run", "--source", source, "check"],
+            cwd=ws, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "checked" in rerun.stdout and "AHEAD-ALIVE" not in rerun.stdout, rerun.stdout
+        from_zip = {
+            line.split("'")[1] for line in proc.stderr.splitlines()
+            if line.startswith("import 'pixicache") and "zipimporter" in line
+        }  # fmt: skip
+        # the second (warm) start: only the launcher's first step came from the zip
+        launcher = {"pixicache", "pixicache.bundle", "pixicache.bundle.launch", "pixicache.userarea"}
+        assert from_zip == launcher, from_zip
+        # `install --installer pixi` looks like an install to the launcher: it starts the
+        # child, and the agent ends it (no Pixi here: the install fails, as it should)
+        proc = subprocess.run(
+            [str(python), "-I", str(bundle.path), "install", "--installer", "pixi",
+             "--source", source],
+            cwd=tmp_path / "second", env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert _processes_of(str(python)) == []
+
+
+def test_a_bundle_area_that_is_not_private_is_never_imported_from(
+    bundle: BundleInfo, job_python: JobPython, tmp_path: Path
+) -> None:
+    """An unpacked tree planted where this user's area should be, in a shared store whose
+    ``user.<uid>`` another could write to, is not imported from, not even on the
+    launcher's warm path: the bundle unpacks into a private temporary directory."""
+    store = tmp_path / "store"
+    store.mkdir()
+    store.chmod(0o3777)  # shared: sticky, world-writable
+    area = store / f"user.{os.getuid()}"
+    planted = area / "bundle" / bundle.build_id / "site"
+    (planted / "pixicache").mkdir(parents=True)
+    pwned = tmp_path / "pwned"
+    (planted / "pixicache" / "__init__.py").write_text(
+        f"open({str(pwned)!r}, 'w').write('planted code ran')\n"
+    )
+    (planted / ".pixicache-unpacked").write_text("{}")
+    area.chmod(0o777)  # writable by anyone: not this user's alone
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {
+        "PATH": JOB_PATH, "HOME": str(tmp_path), "PIXICACHE_CACHE_DIR": str(store),
+        "TMPDIR": str(tmp),
+    }  # fmt: skip
+    proc = run_bundle(job_python.path, bundle.path, "--version", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not pwned.exists()
+    assert f"cannot use {area / 'bundle'}" in proc.stderr and str(tmp) in proc.stderr
+    again = run_bundle(job_python.path, bundle.path, "--version", env=env)  # warm, from tmp
+    assert again.returncode == 0 and not pwned.exists(), again.stderr
 
 
 def test_bundle_unpacks_once_when_jobs_start_together(

@@ -351,3 +351,35 @@ def test_a_cache_entry_rattler_cannot_use_is_fetched_through_the_view(tmp_path, 
     assert any("from the package cache alone failed" in n for n in result.notes), result.notes
     greeting = job2.prefix / "share" / "hello-data" / "greeting.txt"
     assert greeting.read_text().startswith("Hello")
+
+
+def test_the_childs_operation_count_reads_conda_meta_as_rattler_counts(tmp_path):
+    """The child counts a transaction's operations from ``conda-meta`` (a reporter's
+    per-package callbacks cost ~10 ms): installed, removed and changed packages are
+    one each, a package left alone is none; names may hold dashes."""
+    import os
+
+    from pixicache.backends.rattler.child import _linked, operations_between
+
+    meta = tmp_path / "conda-meta"
+    meta.mkdir()
+    assert _linked(str(tmp_path / "missing")) == {}
+
+    def put(name: str) -> None:
+        (meta / name).write_text("{}")
+
+    before = _linked(str(tmp_path))
+    for name in ("python-3.12.0-h0_0.json", "python-dateutil-2.9.0-pyhd8_0.json", "zlib-1.3-h1_0.json"):
+        put(name)
+    (meta / "pixicache-state").write_text("")  # not a record
+    fresh = _linked(str(tmp_path))
+    assert sorted(fresh) == ["python", "python-dateutil", "zlib"]
+    assert operations_between(before, fresh) == 3
+    assert operations_between(fresh, _linked(str(tmp_path))) == 0
+    (meta / "zlib-1.3-h1_0.json").unlink()
+    put("zlib-1.3.1-h1_0.json")  # changed: one operation
+    (meta / "python-dateutil-2.9.0-pyhd8_0.json").unlink()  # removed: one
+    put("numpy-2.0-py312_0.json")  # installed: one
+    st = (meta / "python-3.12.0-h0_0.json").stat()
+    os.utime(meta / "python-3.12.0-h0_0.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten: one
+    assert operations_between(fresh, _linked(str(tmp_path))) == 4

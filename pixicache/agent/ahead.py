@@ -56,13 +56,18 @@ def start_from_argv(argv: list[str]) -> bool:
     """The bundle's launcher, before it imports the command line: start the py-rattler
     child now if ``argv`` looks like ``install`` or ``run`` with the rattler installer
     (a guess from the words alone: :func:`start_installer_ahead` decides once the
-    options are parsed, and ends a child guessed wrong). Whether one started; never
-    raises (a guess that fails is no child).
+    options are parsed, and ends a child guessed wrong). The child the launcher
+    pre-warmed becomes this one, or is ended here. Whether one started; never raises
+    (a guess that fails is no child).
     """
     try:
         return _start_from_argv(argv)
     except Exception:
         return False
+    finally:  # the launcher's pre-warmed child, if this guess did not take it
+        from pixicache.bundle.runtime import drop_prewarmed
+
+        drop_prewarmed()
 
 
 def _start_from_argv(argv: list[str]) -> bool:

@@ -197,11 +197,32 @@ if sys.version_info[:2] < tuple(META["min_python"]):
     )
 
 
+_prewarmed = None
+_words = sys.argv[1:]
+if ("install" in _words or "run" in _words) and not (
+    set(_words) & {"-h", "--help", "--version", "--bundle-info"}
+):
+    # may need py-rattler: its child starts first and imports asyncio meanwhile
+    # (pixicache.agent.ahead decides whether it is used, or ends it)
+    import subprocess
+
+    try:
+        _prewarmed = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", {prewarm}],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True,
+        )
+    except OSError:
+        _prewarmed = None
+
 _archive = os.path.abspath(getattr(__loader__, "archive", None) or sys.argv[0])
 sys.path.insert(0, os.path.join(_archive, "site"))
-from pixicache.bundle.runtime import run_from_archive  # noqa: E402  (unpacks, then imports from there)
+from pixicache.bundle.launch import prefer_unpacked  # noqa: E402
 
-run_from_archive(_archive, META)
+prefer_unpacked(_archive, META)  # once unpacked, nothing more is imported from the zip
+from pixicache.bundle.runtime import run_from_archive  # noqa: E402  (unpacks if needed)
+
+run_from_archive(_archive, META, _prewarmed)
 from pixicache.agent.ahead import start_from_argv  # noqa: E402  (from the unpacked files now)
 
 start_from_argv(sys.argv[1:])  # the py-rattler child starts while the CLI is imported
@@ -601,9 +622,10 @@ def build_bundle(
         "source": source,
     }
     entries = dict(payload)
-    entries["__main__.py"] = _Entry(
-        _LAUNCHER.replace("{meta}", repr(meta)).replace("{marker}", UNPACKED_MARKER).encode()
-    )
+    from pixicache.backends.rattler.process import PREWARM
+
+    launcher = _LAUNCHER.replace("{meta}", repr(meta)).replace("{prewarm}", repr(PREWARM))
+    entries["__main__.py"] = _Entry(launcher.replace("{marker}", UNPACKED_MARKER).encode())
     entries[META_NAME] = _Entry((json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     output.parent.mkdir(parents=True, exist_ok=True)
     _write_zip(output, entries, compresslevel)

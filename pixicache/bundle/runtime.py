@@ -16,7 +16,7 @@ installed pixicache costs. The build id is the SHA-256 of the bundle's payload: 
 new bundle unpacks beside the old one, never over it.
 
 Everything is unpacked, not only the compiled parts, because pixicache relies on
-real files: the rattler installer runs ``backends/rattler/child.py`` by path in a
+real files: the rattler installer runs ``backends/rattler/child.py`` from the unpacked tree in a
 child process (py-rattler can crash at interpreter exit), and package data is read
 from files. The child is told where the chosen py-rattler is on its command line
 (``--rattler-path``), never through ``PYTHONPATH``, which would leak into the job's
@@ -42,12 +42,14 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pixicache.bundle.launch import UNPACKED_MARKER, bundle_root, check_area
 from pixicache.errors import PixicacheError
-from pixicache.userarea import not_private, user_area
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = [
     "META_NAME",
@@ -57,11 +59,12 @@ __all__ = [
     "BundleRuntime",
     "bundle_root",
     "bundle_runtime",
+    "drop_prewarmed",
     "run_from_archive",
+    "take_prewarmed",
 ]
 
 META_NAME = "pixicache-bundle.json"
-UNPACKED_MARKER = ".pixicache-unpacked"
 RATTLER_MIN_PYTHON = (3, 8)
 """The oldest Python any py-rattler build pixicache uses supports (0.25's cp38-abi3 wheel)."""
 
@@ -72,9 +75,10 @@ class BundleError(PixicacheError):
     exit_code = 7
 
 
-@dataclass(frozen=True)
 class BundleRuntime:
-    """How this process runs from a bundle (see :func:`bundle_runtime`).
+    """How this process runs from a bundle (see :func:`bundle_runtime`); read-only by
+    convention (a plain class: a dataclass would cost the launcher ``inspect``'s import
+    before the py-rattler child starts).
 
     Attributes:
         archive: the ``.pyz`` file.
@@ -88,15 +92,40 @@ class BundleRuntime:
         meta: the bundle's ``pixicache-bundle.json``.
     """
 
-    archive: Path
-    build_id: str
-    home: Path
-    site: Path
-    rattler_dir: Path | None
-    rattler_ok: bool
-    rattler_reason: str
-    unpack_seconds: float
-    meta: dict[str, Any] = field(default_factory=dict)
+    __slots__ = (
+        "archive",
+        "build_id",
+        "home",
+        "meta",
+        "rattler_dir",
+        "rattler_ok",
+        "rattler_reason",
+        "site",
+        "unpack_seconds",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        archive: Path,
+        build_id: str,
+        home: Path,
+        site: Path,
+        rattler_dir: Path | None,
+        rattler_ok: bool,
+        rattler_reason: str,
+        unpack_seconds: float,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.archive = archive
+        self.build_id = build_id
+        self.home = home
+        self.site = site
+        self.rattler_dir = rattler_dir
+        self.rattler_ok = rattler_ok
+        self.rattler_reason = rattler_reason
+        self.unpack_seconds = unpack_seconds
+        self.meta = meta if meta is not None else {}
 
     def to_json(self) -> dict[str, Any]:
         """The runtime as JSON (``--bundle-info``)."""
@@ -125,18 +154,24 @@ def bundle_runtime() -> BundleRuntime | None:
     return _RUNTIME
 
 
-def bundle_root() -> Path:
-    """Where bundles are unpacked: ``$PIXICACHE_BUNDLE_DIR``, else the node store's
-    ``bundle/`` (``$PIXICACHE_CACHE_DIR/bundle``; in a store shared by several users,
-    this user's own area's (:mod:`pixicache.userarea`): code another user unpacked is never run),
-    else ``${XDG_CACHE_HOME:-~/.cache}/pixicache/bundle``."""
-    env = os.environ
-    if env.get("PIXICACHE_BUNDLE_DIR"):
-        return Path(env["PIXICACHE_BUNDLE_DIR"]).expanduser()
-    if env.get("PIXICACHE_CACHE_DIR"):
-        return user_area(Path(env["PIXICACHE_CACHE_DIR"]).expanduser()) / "bundle"
-    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "pixicache" / "bundle"
+_PREWARMED: list[Any] = []  # the launcher's pre-warmed py-rattler child, until taken
+
+
+def take_prewarmed() -> subprocess.Popen[str] | None:
+    """The py-rattler child the launcher started before anything else (see
+    :data:`pixicache.backends.rattler.process.PREWARM`), once; ``None`` if there is none
+    or it was taken. Whoever takes it owns it."""
+    return _PREWARMED.pop() if _PREWARMED else None
+
+
+def drop_prewarmed() -> None:
+    """End the pre-warmed child if nobody took it (the command needs no py-rattler);
+    also run at exit. It has read nothing but its stdin, so it is killed."""
+    proc = take_prewarmed()
+    if proc is not None:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.communicate()
 
 
 def _pyver() -> str:
@@ -357,14 +392,7 @@ def _prepare(archive: str, meta: dict[str, Any]) -> dict[str, Any]:
     build_id = str(meta["build_id"])
     root = bundle_root()
     try:
-        area = root.parent
-        if area != Path(os.environ.get("PIXICACHE_CACHE_DIR", "")).expanduser():
-            # a user's own area of a shared store: code is unpacked there, so it must be ours
-            if not area.exists():
-                area.mkdir(mode=0o700)
-            why = not_private(area)
-            if why is not None:
-                raise PermissionError(f"{area} is {why}")
+        check_area(root)  # code is unpacked there, so it must be ours
         root.mkdir(parents=True, exist_ok=True)
         if (
             not os.access(root, os.W_OK)
@@ -405,13 +433,17 @@ def _prepare(archive: str, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_from_archive(archive: str, meta: dict[str, Any]) -> None:
+def run_from_archive(
+    archive: str, meta: dict[str, Any], prewarmed: subprocess.Popen[str] | None = None
+) -> None:
     """The launcher's second half: unpack and put the unpacked tree on ``sys.path``.
 
-    Called by the bundle's ``__main__.py`` with this module imported from the
-    zip; the launcher then imports and runs the CLI from the unpacked files
-    (this module included, with :func:`bundle_runtime` set). Exits the process
-    itself only for an error or ``--bundle-info``.
+    Called by the bundle's ``__main__.py`` (after
+    :func:`pixicache.bundle.launch.prefer_unpacked`); the launcher then imports and runs
+    the CLI from the unpacked files (this module included, with :func:`bundle_runtime` set). ``prewarmed``: the
+    py-rattler child the launcher started, kept for :func:`take_prewarmed` (and ended
+    at exit if nobody takes it). Exits the process itself only for an error or
+    ``--bundle-info``.
     """
     try:
         state = _prepare(archive, meta)
@@ -432,6 +464,11 @@ def run_from_archive(archive: str, meta: dict[str, Any]) -> None:
     unpacked = importlib.import_module(__name__)  # this module, from the unpacked files
     runtime = unpacked.BundleRuntime(**state)
     unpacked._RUNTIME = runtime  # type: ignore[attr-defined]
+    if prewarmed is not None:
+        import atexit
+
+        unpacked._PREWARMED.append(prewarmed)
+        atexit.register(unpacked.drop_prewarmed)
     if sys.argv[1:2] == ["--bundle-info"]:
         print(json.dumps(runtime.to_json(), indent=2))
         sys.exit(0)

@@ -383,9 +383,16 @@ class RattlerInstaller:
                 f"verified {len(answer['verified'])} cache entr(ies) extracted by another tool"
             )
         if answer.get("ahead"):
+            how = [
+                what
+                for key, what in (
+                    ("prewarmed", "pre-warmed by the launcher"),
+                    ("lock_read_ahead", "the lock read ahead"),
+                )
+                if answer["ahead"].get(key)
+            ]
             notes.append(
-                "py-rattler child started ahead of need"
-                + (" (the lock read ahead)" if answer["ahead"].get("lock_read_ahead") else "")
+                "py-rattler child started ahead of need" + (f" ({'; '.join(how)})" if how else "")
             )
         if answer.get("timings"):
             notes.append(

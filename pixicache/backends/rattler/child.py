@@ -2,8 +2,10 @@
 
 py-rattler can crash at interpreter exit (SIGSEGV/SIGABRT after ``install()``),
 so every call into it happens here, in a process that prints one JSON line on
-stdout and ends with ``os._exit``. It imports only the standard library and
-``rattler``, to start fast. Usage::
+stdout and ends with ``os._exit`` (:func:`run`). It imports only the standard library and
+``rattler``, to start fast. The parent starts it as
+:func:`pixicache.backends.rattler.process.child_argv` says (imported, so its bytecode
+is cached; a script run by path is compiled at every start), or by hand::
 
     python .../backends/rattler/child.py [--rattler-path DIR] install '<json request>'
     python .../backends/rattler/child.py [--rattler-path DIR] activate '<json request>'
@@ -63,12 +65,11 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 STATE_FILE = "pixicache-state"
 """The marker in ``<prefix>/conda-meta`` (no ``.json`` suffix: rattler reads every
@@ -237,6 +238,8 @@ class CacheGuard:
             os.rename(self.cache / entry, target)
         with contextlib.suppress(FileNotFoundError):
             self._snap_path(entry).unlink()
+        import shutil  # rarely needed: not imported at every start
+
         shutil.rmtree(target, ignore_errors=True)
         self.evicted.append(entry)
 
@@ -336,34 +339,48 @@ def _entry(rec: Any) -> str:
     return f"{rec.name.normalized}-{rec.version}-{rec.build!s}"
 
 
+def _linked(prefix: str) -> dict[str, tuple[str, int]]:
+    """The prefix's linked packages: name -> (``conda-meta`` record file, its mtime)."""
+    linked: dict[str, tuple[str, int]] = {}
+    with contextlib.suppress(OSError):
+        for item in os.scandir(Path(prefix) / "conda-meta"):
+            if item.name.endswith(".json"):
+                with contextlib.suppress(OSError):
+                    # <name>-<version>-<build>.json: a name may hold "-", the others not
+                    linked[item.name[:-5].rsplit("-", 2)[0]] = (item.name, item.stat().st_mtime_ns)
+    return linked
+
+
+def operations_between(
+    before: dict[str, tuple[str, int]], after: dict[str, tuple[str, int]]
+) -> int:
+    """The transaction's operations, counted as rattler counts them: a package
+    installed, removed, or changed (another record file, or the same one written
+    again) is one each. Counted from ``conda-meta`` rather than with an
+    ``InstallerReporter``, whose per-package callbacks into Python cost about
+    10 ms of a warm install."""
+    names = before.keys() | after.keys()
+    return sum(1 for name in names if before.get(name) != after.get(name))
+
+
 async def _install(records: list[Any], req: dict[str, Any], reinstall: set[str] | None) -> int:
     import rattler
-    from rattler.install import InstallerReporter
     from rattler.networking import Client, MirrorMiddleware
-
-    class Counter(InstallerReporter):
-        """Counts the transaction's link/unlink operations."""
-
-        operations = 0
-
-        def on_transaction_start(self, total_operations: int) -> None:
-            self.operations = total_operations
 
     middlewares: list[Any] = []
     if req.get("mirrors"):
         middlewares.append(MirrorMiddleware(req["mirrors"]))
     client = Client(middlewares)
-    counter = Counter()  # type: ignore[abstract]  # a Protocol whose methods default to no-ops
+    before = _linked(req["prefix"])
     await rattler.install(
         records,
         target_prefix=req["prefix"],
         cache_dir=Path(req["package_cache"]),
         client=client,
         show_progress=False,
-        reporter=counter,
         reinstall_packages=reinstall,
     )
-    return counter.operations
+    return operations_between(before, _linked(req["prefix"]))
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
@@ -529,8 +546,16 @@ def main(argv: list[str]) -> int:
     return rc
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
+def run(argv: list[str]) -> NoReturn:
+    """The child process: :func:`main`, then the end without the interpreter's teardown
+    (where py-rattler can crash). Python's ``ssl`` is marked unavailable first: only
+    asyncio would import it (about 7 ms), and py-rattler does its TLS in Rust."""
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])

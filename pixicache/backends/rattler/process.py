@@ -17,26 +17,94 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pixicache.bundle.runtime import bundle_runtime
+from pixicache.bundle.runtime import bundle_runtime, take_prewarmed
 from pixicache.errors import InstallError
 
-__all__ = ["CHILD_SCRIPT", "discard_ahead", "run_child", "start_ahead"]
+__all__ = ["PREWARM", "child_argv", "discard_ahead", "run_child", "start_ahead"]
 
-CHILD_SCRIPT = Path(__file__).with_name("child.py")
 _TAIL = 30
 _AHEAD: list[tuple[subprocess.Popen[str], str | None]] = []  # (child, the lock it read ahead)
 _AT_EXIT: list[bool] = []  # discard_ahead is registered with atexit (once)
+_PREWARMED_PIDS: set[int] = set()  # ahead children that began as the launcher's
+_BOOT = (
+    "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "sys.path.append(sys.argv[1]); "
+    "from pixicache.backends.rattler.child import run; run(sys.argv[2:])"
+)
+"""The child's ``-c`` program: the tree holding pixicache last on ``sys.path`` (the
+working directory never on it), then :func:`pixicache.backends.rattler.child.run`."""
 
 
-def _argv(*args: str) -> list[str]:
-    # The child is a stdlib-only script: run it by path (no package import to pay for),
-    # told where the bundle's py-rattler build is (never through PYTHONPATH). With the
-    # bundle's build named, it needs nothing from site-packages: -S skips their .pth
-    # files (-I: no user site, no PYTHON* variables of the job's environment).
+PREWARM = (
+    "import sys\n"
+    "sys.modules.setdefault('ssl', None)\n"
+    "import asyncio, json\n"
+    "line = sys.stdin.readline()\n"
+    "if line.strip():\n"
+    "    spec = json.loads(line)\n"
+    "    sys.path.append(spec['tree'])\n"
+    "    from pixicache.backends.rattler.child import run\n"
+    "    run(spec['argv'])\n"
+)
+"""The ``-c`` program of the child the bundle's launcher starts before anything else
+(``python -I -S -c PREWARM``): it imports asyncio (the largest part of the child's
+start, stdlib only) while the launcher is still finding its unpacked tree, then reads
+one line, ``{"tree": ..., "argv": [...]}``, and becomes the child
+(:func:`pixicache.backends.rattler.child.run`); at EOF it ends (nobody needed it).
+:func:`start_ahead` hands it that line (:func:`pixicache.bundle.runtime.take_prewarmed`)."""
+
+
+def _tree() -> str:
+    return str(Path(__file__).resolve().parents[3])
+
+
+def _rattler_args() -> list[str] | None:
     runtime = bundle_runtime()
     if runtime and runtime.rattler_dir:
-        return [sys.executable, "-I", "-S", str(CHILD_SCRIPT), "--rattler-path", str(runtime.rattler_dir), *args]
-    return [sys.executable, str(CHILD_SCRIPT), *args]
+        return ["--rattler-path", str(runtime.rattler_dir)]
+    return None
+
+
+def child_argv(*args: str) -> list[str]:
+    """The command line of the py-rattler child (``args``: its own, e.g. ``wait``).
+
+    It imports :mod:`~pixicache.backends.rattler.child` (stdlib only; its bytecode is
+    cached, where a script run by path is compiled at every start) from the tree this
+    pixicache runs from. From a bundle it is told where the bundle's py-rattler build
+    is (``--rattler-path``, never ``PYTHONPATH``) and needs nothing from site-packages:
+    ``-S`` skips their ``.pth`` files, ``-I`` the user site and the job's ``PYTHON*``
+    variables. Otherwise it uses this interpreter's environment, as pixicache does.
+    """
+    rattler = _rattler_args()
+    if rattler is not None:
+        return [sys.executable, "-I", "-S", "-c", _BOOT, _tree(), *rattler, *args]
+    return [sys.executable, "-c", _BOOT, _tree(), *args]
+
+
+def _prewarmed(*args: str) -> subprocess.Popen[str] | None:
+    """The launcher's pre-warmed child (:data:`PREWARM`), told to run as ``args``; ``None``
+    when there is none (not a bundle, no usable py-rattler, it died, already taken)."""
+    proc = take_prewarmed()
+    rattler = _rattler_args()
+    if proc is None:
+        return None
+    if rattler is None or proc.poll() is not None or proc.stdin is None:
+        _end(proc)
+        return None
+    try:
+        proc.stdin.write(json.dumps({"tree": _tree(), "argv": [*rattler, *args]}) + "\n")
+        proc.stdin.flush()
+    except OSError:
+        _end(proc)
+        return None
+    _PREWARMED_PIDS.add(proc.pid)
+    return proc
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(OSError):
+        proc.kill()
+    proc.communicate()
 
 
 def start_ahead(lock: str | os.PathLike[str] | None = None) -> bool:
@@ -49,8 +117,8 @@ def start_ahead(lock: str | os.PathLike[str] | None = None) -> bool:
     """
     want = str(Path(lock).absolute()) if lock is not None else None
     if _AHEAD:
-        proc, had = _AHEAD[0]
-        if proc.poll() is None and had == want:
+        waiting, had = _AHEAD[0]
+        if waiting.poll() is None and had == want:
             return True
         discard_ahead()
     if not _AT_EXIT:
@@ -59,19 +127,18 @@ def start_ahead(lock: str | os.PathLike[str] | None = None) -> bool:
         atexit.register(discard_ahead)  # reaped at exit, not left to end on its own
         _AT_EXIT.append(True)
     extra = ["--lock", want] if want is not None else []
-    with contextlib.suppress(OSError):
-        _AHEAD.append(
-            (
-                subprocess.Popen(
-                    _argv("wait", *extra),
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                ),
-                want,
+    proc = _prewarmed("wait", *extra)
+    if proc is None:
+        with contextlib.suppress(OSError):
+            proc = subprocess.Popen(
+                child_argv("wait", *extra),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
-        )
+    if proc is not None:
+        _AHEAD.append((proc, want))
     return bool(_AHEAD)
 
 
@@ -80,11 +147,8 @@ def discard_ahead() -> None:
     lock and writes nothing while it waits (it only imports py-rattler and reads the
     lock), so it is killed rather than waited for, and reaped."""
     proc = _AHEAD.pop()[0] if _AHEAD else None
-    if proc is None:
-        return
-    with contextlib.suppress(OSError):
-        proc.kill()
-    proc.communicate()
+    if proc is not None:
+        _end(proc)
 
 
 def _take_ahead() -> subprocess.Popen[str] | None:
@@ -105,12 +169,13 @@ def run_child(
         InstallError: the child failed, crashed or answered nonsense.
     """
     proc = _take_ahead()
+    prewarmed = proc is not None and proc.pid in _PREWARMED_PIDS
     if proc is not None:
         request: str | None = json.dumps({"command": command, "payload": payload}) + "\n"
     else:
         request = None
         proc = subprocess.Popen(
-            _argv(command, json.dumps(payload)),
+            child_argv(command, json.dumps(payload)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -134,6 +199,8 @@ def run_child(
             answer = json.loads(line)
             break
     if isinstance(answer, dict) and answer.get("ok"):
+        if prewarmed and isinstance(answer.get("ahead"), dict):
+            answer["ahead"]["prewarmed"] = True
         return answer
     if isinstance(answer, dict) and answer.get("error"):
         raise InstallError(f"py-rattler {command} failed: {answer['error']}")
