@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -342,6 +341,8 @@ def obtain_pixi(
         binary_sha = _check_binary(final_dir, pin)  # another process may have finished
         if binary_sha is not None:
             return VerifiedPixi(final_dir / "pixi", pin.version, binary_sha, "pin", pin.sha256)
+        import tempfile  # only when a Pixi is unpacked (start-up time)
+
         tmp = Path(tempfile.mkdtemp(prefix=f".{pin.target}.", dir=final_dir.parent))
         try:
             with store.pin(pin.sha256) as archive:
