@@ -26,7 +26,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["UNPACKED_MARKER", "bundle_root", "check_area", "prefer_unpacked"]
+__all__ = ["UNPACKED_MARKER", "bundle_root", "check_area", "import_from", "prefer_unpacked"]
 
 UNPACKED_MARKER = ".pixicache-unpacked"
 """The file an unpacked tree gets last: a tree without it is never imported from."""
@@ -82,8 +82,16 @@ def prefer_unpacked(archive: str, meta: dict[str, Any]) -> bool:
     site = _unpacked_site(meta)
     if site is None:
         return False
-    inside = os.path.abspath(archive)
-    sys.path[:] = [str(site)] + [p for p in sys.path if not os.path.abspath(p).startswith(inside)]
-    for name in [n for n in sys.modules if n == "pixicache" or n.startswith("pixicache.")]:
-        del sys.modules[name]  # imported from the zip: from the files from now on
+    import_from([str(site)], archive, forget=True)
     return True
+
+
+def import_from(paths: list[str], archive: str, *, forget: bool) -> None:
+    """Put ``paths`` first on ``sys.path`` in place of the archive's own entries; with
+    ``forget``, drop the pixicache modules imported so far (they came from the zip: from
+    the files from now on)."""
+    inside = os.path.abspath(archive)
+    sys.path[:] = paths + [p for p in sys.path if not os.path.abspath(p).startswith(inside)]
+    if forget:
+        for name in [n for n in sys.modules if n == "pixicache" or n.startswith("pixicache.")]:
+            del sys.modules[name]

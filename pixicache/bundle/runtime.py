@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pixicache.bundle.launch import UNPACKED_MARKER, bundle_root, check_area
+from pixicache.bundle.launch import UNPACKED_MARKER, bundle_root, check_area, import_from
 from pixicache.errors import PixicacheError
 
 if TYPE_CHECKING:
@@ -450,15 +450,12 @@ def run_from_archive(
     except BundleError as exc:
         _note(f"error: {exc}")
         sys.exit(exc.exit_code)
-    inside = os.path.abspath(archive)
     paths = [str(state["site"])]
     if state["rattler_dir"] is not None:
         paths.append(str(state["rattler_dir"]))
-    sys.path[:] = paths + [p for p in sys.path if not os.path.abspath(p).startswith(inside)]
-    if os.path.abspath(__file__).startswith(inside + os.sep):
-        # Imported from the zip (first start): import pixicache again from the files.
-        for name in [n for n in sys.modules if n == "pixicache" or n.startswith("pixicache.")]:
-            del sys.modules[name]
+    # imported from the zip (first start): import pixicache again from the files
+    from_zip = os.path.abspath(__file__).startswith(os.path.abspath(archive) + os.sep)
+    import_from(paths, archive, forget=from_zip)
     import importlib
 
     unpacked = importlib.import_module(__name__)  # this module, from the unpacked files
