@@ -256,3 +256,77 @@ def test_serve_keeps_metadata_out_of_reach_of_the_store_members(channel, upstrea
         r = client.get(f"{srv.url}/conda-forge/{sub}/repodata.json")
         assert r.status_code == 200 and arts[0].filename in r.text
     assert list(trap.iterdir()) == []
+
+
+# -- a process that dies while it changes the shared index ---------------------------------
+
+_KILLED_MID_CHANGE = r"""
+import os, sys, threading, time
+sys.path.insert(0, sys.argv[2])
+from pixicache.store import Store
+store = Store(sys.argv[1])
+inside = threading.Event()
+
+def change():
+    # a transaction large enough that SQLite writes pages to the database before commit
+    with store.index._change() as conn:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT OR REPLACE INTO blobs(sha256, size, first_use, last_use) VALUES (?,?,?,?)",
+            ((f"{i:064x}", i, 0.0, 0.0) for i in range(200_000)),
+        )
+        inside.set()
+        time.sleep(float(sys.argv[3]))
+        conn.execute("COMMIT")
+
+threading.Thread(target=change, daemon=True).start()  # as the fetch's workers are
+inside.wait()
+if sys.argv[4] == "exit":  # as pixicache.cli.entry ends a process: exit handlers, then _exit
+    import atexit
+    atexit._run_exitfuncs()
+    os._exit(0)
+os.kill(os.getpid(), 9)  # killed outright
+"""
+
+
+def _hot(journal: Path) -> bool:
+    with open(journal, "rb") as fh:
+        return fh.read(1) not in (b"", b"\0")
+
+
+def test_an_exit_mid_change_waits_for_it_so_no_other_user_is_locked_out(node):
+    """A job that ends (an eviction's SIGTERM, an error) while a worker thread is inside
+    an index transaction waits for it: the journal is not left hot, and another user's
+    job uses the index at once."""
+    store = node / "store"
+    proc = subprocess.run(
+        as_user(ATTACKER, GROUP, [sys.executable, "-c", _KILLED_MID_CHANGE, str(store), str(REPO), "1", "exit"]),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not _hot(store / "index.sqlite-journal")
+    res = run_as(VICTIM, node, "cache", "info", "--cache-dir", str(store))
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_journal_left_hot_by_a_killed_process_is_explained(node):
+    """Killed outright inside a transaction (SIGKILL), a process leaves the journal hot;
+    another user cannot remove the journal (the first user of the index made it) in the
+    sticky store: the error says what happened and who can finish it, and root's
+    `cache info` does."""
+    store = node / "store"
+    subprocess.run(
+        as_user(ATTACKER, GROUP, [sys.executable, "-c", _KILLED_MID_CHANGE, str(store), str(REPO), "0", "kill"]),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert _hot(store / "index.sqlite-journal")
+    res = run_as(VICTIM, node, "cache", "gc", "--cache-dir", str(store), "--max-size", "100G")
+    assert res.returncode == 7, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "killed while it changed the index" in res.stderr
+    assert f"only its owner (uid {ATTACKER}) or root" in res.stderr  # it made the journal
+    assert "pixicache cache info --cache-dir" in res.stderr
+    fixed = run_as(None, node, "cache", "info", "--cache-dir", str(store))  # root
+    assert fixed.returncode == 0, fixed.stderr
+    again = run_as(VICTIM, node, "cache", "gc", "--cache-dir", str(store), "--max-size", "100G")
+    assert again.returncode == 0, again.stderr

@@ -8,6 +8,18 @@ and it is rebuilt as artifacts are used again.
 One connection per thread (SQLite connections are not shared between threads);
 the connection is opened on first use, so commands that only ask whether blobs
 exist (``plan``) never open the database.
+
+**Changes are never cut short by the process's end.** A process that dies inside a
+write transaction leaves SQLite's rollback journal *hot*: the next connection must
+play it back and then remove it. In a store shared by several users (``PERSIST``
+journal, sticky root) only the journal's owner or root may remove it, so every other
+user's jobs would fail on the index (``disk I/O error``) until one of them came by. So
+changes are made one at a time per process (:meth:`Index._change`), and at exit
+(``atexit``: after SIGTERM, as on an eviction, too) the process waits for the change
+in progress, if any, and starts none after it: the fetch's worker threads are daemon
+threads, which the end of the process would otherwise stop wherever they are. A
+process killed outright (SIGKILL) can still leave a hot journal; the error then says
+what it is and who can finish it.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +105,7 @@ class Index:
         self._prepare = prepare
         self._prepared = prepare is None
         self._prepare_lock = threading.Lock()
+        self._changing = threading.Lock()  # one change at a time; held for good at exit
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use, after :attr:`prepare`)."""
@@ -149,6 +163,20 @@ class Index:
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
 
+    @contextmanager
+    def _change(self) -> Iterator[sqlite3.Connection]:
+        """:meth:`_write` for a statement or transaction that changes the index: one at a
+        time in this process, and waited for (never cut short) at its exit."""
+        _watch(self)
+        with self._changing, self._write() as conn:
+            yield conn
+
+    def _quiesce(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the change in progress, then let none start
+        (a change waited for in vain is one waiting for another process's lock: it has
+        written nothing yet)."""
+        self._changing.acquire(timeout=timeout)
+
     def _error(self, exc: sqlite3.Error) -> StoreError:
         text = str(exc)
         if getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in text:  # SQLITE_FULL
@@ -163,16 +191,42 @@ class Index:
                 "its -wal/-shm files (see 'A store shared by several users' in the README), "
                 "or point PIXICACHE_CACHE_DIR at a store of your own"
             )
+        owner = self._hot_journal_owner()
+        if owner is not None:
+            return StoreError(
+                f"the store index {self.path} cannot be used ({text}): a process killed "
+                f"while it changed the index left its journal {self.journal_path.name} "
+                f"behind, which only its owner (uid {owner}) or root may remove in this "
+                f"shared store. Run `pixicache cache info --cache-dir {self.path.parent}` "
+                "once as root (or that user): it finishes the change and removes the journal"
+            )
         return StoreError(
             f"the store index {self.path} is unusable ({text}); move it aside: "
             "it is rebuilt from the blobs as they are used"
         )
 
+    def _hot_journal_owner(self) -> int | None:
+        """The owner of a rollback journal a killed process left for this user to play
+        back, when this user cannot remove it (another's, in a sticky directory)."""
+        if self.journal == "WAL":
+            return None
+        try:
+            st = os.lstat(self.journal_path)
+            parent = os.stat(self.journal_path.parent)
+            with open(self.journal_path, "rb") as fh:
+                first = fh.read(1)
+        except OSError:
+            return None
+        mine = st.st_uid == os.getuid() or os.getuid() == 0
+        if not first or first == b"\0" or mine or not parent.st_mode & stat.S_ISVTX:
+            return None
+        return st.st_uid
+
     # -- records -----------------------------------------------------------------------
     def record(self, sha256: str, size: int, *, url: str | None = None) -> None:
         """Note that ``sha256`` (of ``size`` bytes) is present and was used now."""
         now = time.time()
-        with self._write() as conn:
+        with self._change() as conn:
             conn.execute(_UPSERT_BLOB, (sha256, size, now, now))
             if url:
                 conn.execute("INSERT OR REPLACE INTO urls(url, sha256) VALUES (?,?)", (url, sha256))
@@ -181,7 +235,7 @@ class Index:
         """Record a use of present blobs: ``(sha256, size, url)`` rows, one transaction."""
         now = time.time()
         items = list(rows)
-        with self._write() as conn:
+        with self._change() as conn:
             conn.execute("BEGIN")
             try:
                 conn.executemany(_UPSERT_BLOB, [(s, n, now, now) for s, n, _ in items])
@@ -196,7 +250,7 @@ class Index:
 
     def forget(self, sha256: str) -> None:
         """Drop every record of ``sha256`` (the blob was removed or quarantined)."""
-        with self._write() as conn:
+        with self._change() as conn:
             conn.execute("DELETE FROM blobs WHERE sha256=?", (sha256,))
             conn.execute("DELETE FROM urls WHERE sha256=?", (sha256,))
             conn.execute("DELETE FROM md5s WHERE sha256=?", (sha256,))
@@ -205,7 +259,7 @@ class Index:
     def record_identity(self, sha256: str, ident: str) -> None:
         """Note that the blob ``sha256`` was hashed (now) as the file ``ident`` (device,
         inode, size, mtime and ctime: :func:`pixicache.store.cas.file_identity`)."""
-        with self._write() as conn:
+        with self._change() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO identities(sha256, ident, verified) VALUES (?,?,?)",
                 (sha256, ident, time.time()),
@@ -232,7 +286,7 @@ class Index:
     def record_md5(self, md5: str, size: int, sha256: str) -> None:
         """Note that the blob ``sha256`` is what an MD5-pinned artifact (``md5``, ``size``)
         turned out to be, verified by MD5 and size when it was committed."""
-        with self._write() as conn:
+        with self._change() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO md5s(md5, size, sha256) VALUES (?,?,?)", (md5, size, sha256)
             )
@@ -240,7 +294,7 @@ class Index:
     def record_build(self, source: str, target: str, sha256: str, filename: str) -> None:
         """Note that the sdist ``source`` (its digest), built for ``target`` by this uid,
         is the wheel blob ``sha256`` named ``filename``."""
-        with self._write() as conn:
+        with self._change() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO builds(source, target, uid, sha256, filename) "
                 "VALUES (?,?,?,?,?)",
@@ -286,3 +340,26 @@ class Index:
     def url_count(self) -> int:
         with self._write() as conn:
             return int(conn.execute("SELECT COUNT(*) FROM urls").fetchone()[0])
+
+
+_WATCHED: weakref.WeakSet[Index] = weakref.WeakSet()
+_AT_EXIT: list[bool] = []  # _quiesce_all is registered with atexit (once)
+
+
+def _watch(index: Index) -> None:
+    """Have :func:`_quiesce_all` wait for ``index``'s changes at exit."""
+    if not _AT_EXIT:
+        import atexit
+
+        atexit.register(_quiesce_all)
+        _AT_EXIT.append(True)
+    _WATCHED.add(index)
+
+
+def _quiesce_all(timeout: float = 10.0) -> None:
+    """At exit: wait for each index's change in progress (up to ``timeout`` s in all),
+    then let none start (see the module doc)."""
+    deadline = time.monotonic() + timeout
+    for index in list(_WATCHED):
+        index._quiesce(max(0.0, deadline - time.monotonic()))
+    _WATCHED.clear()
