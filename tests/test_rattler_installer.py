@@ -337,6 +337,43 @@ def test_a_cache_entry_the_guard_repairs_is_fetched_through_the_view(tmp_path, s
     assert (job2.prefix / "share" / "hello-data" / "greeting.txt").read_text() == pristine
 
 
+def test_the_cache_guard_checks_ahead_and_the_install_uses_that_check(tmp_path, store, demo_lock):
+    """Once the plan is made the agent sends the waiting child ``prepare``: its cache
+    guard checks the entries then, while the agent goes on. A changed entry is repaired
+    by that check; the install does not check again, and the prefix is pristine."""
+    import time
+
+    from pixicache.agent.ahead import prepare_installer_ahead
+    from pixicache.backends.rattler.process import start_ahead
+
+    RattlerInstaller().install(_request(tmp_path / "job1", demo_lock, store))
+    cached = store.package_cache / "hello-data-1.0.0-h0_0" / "share" / "hello-data" / "greeting.txt"
+    pristine = cached.read_text()
+    with open(cached, "a") as fh:
+        fh.write("changed in the cache\n")
+    job2 = _request(tmp_path / "job2", demo_lock, store)
+    assert start_ahead(job2.workspace / "pixi.lock")
+    assert prepare_installer_ahead(job2.workspace / "pixi.lock", "default", PLATFORM, job2.package_cache)
+    time.sleep(3)  # the child has imported py-rattler and run the check by now
+    result = RattlerInstaller().install(job2)
+    assert any("guard_ahead" in n for n in result.notes), result.notes
+    assert any("repaired package-cache entries" in n and "hello-data" in n for n in result.notes)
+    assert (job2.prefix / "share" / "hello-data" / "greeting.txt").read_text() == pristine
+
+
+def test_a_check_ahead_for_another_cache_is_not_used(tmp_path, store, demo_lock):
+    from pixicache.agent.ahead import prepare_installer_ahead
+    from pixicache.backends.rattler.process import start_ahead
+
+    RattlerInstaller().install(_request(tmp_path / "job1", demo_lock, store))
+    job2 = _request(tmp_path / "job2", demo_lock, store)
+    assert start_ahead(job2.workspace / "pixi.lock")
+    assert prepare_installer_ahead(job2.workspace / "pixi.lock", "default", PLATFORM, tmp_path / "other")
+    result = RattlerInstaller().install(job2)
+    assert not any("guard_ahead" in n for n in result.notes), result.notes
+    assert any("guard_before" in n for n in result.notes) and (job2.prefix / "bin" / "hello").is_file()
+
+
 def test_a_cache_entry_rattler_cannot_use_is_fetched_through_the_view(tmp_path, store, demo_lock):
     """An entry rattler itself finds broken (without the guard): it wants the archive,
     finds the channels mapped to a port that refuses, and the install is made again

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
 #: The options of ``install``/``run`` that take a value (so the value is not TASK).
 _VALUED = ("--cache-dir", "-e", "--environment", "--platform", "--source", "--jobs", "--report")
 
-__all__ = ["end_installer_ahead", "start_from_argv", "start_installer_ahead"]
+__all__ = [
+    "end_installer_ahead",
+    "prepare_installer_ahead",
+    "start_from_argv",
+    "start_installer_ahead",
+]
 
 
 def start_installer_ahead(options: AgentOptions, manifest: Path) -> bool:
@@ -100,6 +105,24 @@ def _start_from_argv(argv: list[str]) -> bool:
         elif not word.startswith("-"):
             break  # run's TASK: what follows is the task's
     return installer in ("auto", "rattler") and _start_for(Path(manifest))
+
+
+def prepare_installer_ahead(
+    lock: Path, environment: str, platform: str, package_cache: Path
+) -> bool:
+    """Once the plan is made: let the waiting py-rattler child check the package cache
+    entries of ``environment`` now, while the agent still checks and fetches (see
+    :func:`pixicache.backends.rattler.process.prepare_ahead`); whether it was told."""
+    from pixicache.backends.rattler.process import prepare_ahead
+
+    return prepare_ahead(
+        {
+            "lock": str(lock.absolute()),
+            "environment": environment,
+            "platform": platform,
+            "package_cache": str(package_cache.absolute()),
+        }
+    )
 
 
 def end_installer_ahead() -> None:

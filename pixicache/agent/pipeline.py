@@ -165,6 +165,10 @@ def _plan(job: _Job) -> None:
     job.lock = lock = Lock.load_cached(lock_path, _lock_cache(job.store))
     job.platform = job.options.platform or _this_platform()
     lock.environment(job.environment)  # an unknown environment is a LockError (2)
+    if job.options.may_use_rattler:  # its cache guard checks while this process goes on
+        from pixicache.agent.ahead import prepare_installer_ahead
+
+        prepare_installer_ahead(lock_path, job.environment, job.platform, job.store.package_cache)
     try:
         job.plan = environment_plan(
             lock, job.environment, job.platform, job.store,

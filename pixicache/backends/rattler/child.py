@@ -32,7 +32,10 @@ true, "missing": [...], "evicted": [...]}`` without installing). It answers ``{"
 ``wait [--lock PATH]`` starts ahead of need (see
 :func:`pixicache.backends.rattler.process.start_ahead`): it imports rattler and reads
 PATH while the parent is still planning, then runs the one command it is sent on
-stdin (``{"command": ..., "payload": ...}``), or ends quietly at EOF.
+stdin (``{"command": ..., "payload": ...}``), or ends quietly at EOF. Before it, the
+parent may send ``prepare`` (the ``install`` keys ``lock``, ``environment``,
+``platform``, ``package_cache``): the cache guard's check of those entries runs
+then, and the ``install`` that matches uses it (:func:`cmd_prepare`).
 
 The node cache guard
 --------------------
@@ -148,6 +151,7 @@ class CacheGuard:
         self.snapdir = cache / SNAPSHOT_DIR
         self.evicted: list[str] = []
         self.verified: list[str] = []
+        self.seconds = 0.0  # how long a check run ahead took (cmd_prepare)
         self._clean: set[str] = set()  # entries found matching their snapshot before the install
 
     def _snap_path(self, entry: str) -> Path:
@@ -408,6 +412,32 @@ def save_activation(prefix: str, script: str) -> None:
         )
 
 
+def _entries(records: list[Any]) -> list[tuple[str, str]]:
+    """(cache entry name, SHA-256) of each record: what the cache guard checks."""
+    return [(_entry(r), r.sha256.hex() if r.sha256 else "") for r in records]
+
+
+_PREPARED: dict[tuple[str, tuple[tuple[str, str], ...]], CacheGuard] = {}
+"""Cache guards whose check ran ahead (``prepare``), by (package cache, entries)."""
+
+
+def cmd_prepare(req: dict[str, Any]) -> None:
+    """``prepare`` (only while waiting, before the request): run the cache guard's check
+    of the coming install's entries now, while the parent is still planning; the
+    ``install`` for the same package cache and entries uses it instead of checking
+    again. The check repairs only what is wrong, so doing it early is never harmful;
+    rattler links under its own cache lock later, as it would anyway. Prints nothing."""
+    cache = Path(req["package_cache"])
+    entries = _entries(_records(req["lock"], req["environment"], req["platform"]))
+    start = time.monotonic()
+    guard = CacheGuard(cache)
+    with cache_lock(cache):
+        guard.before_install(entries)
+    guard.seconds = time.monotonic() - start
+    _PREPARED.clear()
+    _PREPARED[(str(cache), tuple(entries))] = guard
+
+
 def cmd_install(req: dict[str, Any]) -> dict[str, Any]:
     start = time.monotonic()
     timings: dict[str, float] = {}
@@ -415,16 +445,19 @@ def cmd_install(req: dict[str, Any]) -> dict[str, Any]:
     timings["records"] = time.monotonic() - start
     cache = Path(req["package_cache"])
     prefix = Path(req["prefix"])
-    entries = [(_entry(r), r.sha256.hex() if r.sha256 else "") for r in records]
-    guard = CacheGuard(cache) if req.get("guard", True) else None
+    entries = _entries(records)
+    prepared = _PREPARED.pop((str(cache), tuple(entries)), None)
+    guard = (prepared or CacheGuard(cache)) if req.get("guard", True) else None
     state_path = prefix / "conda-meta" / STATE_FILE
     with contextlib.suppress(FileNotFoundError):
         state_path.unlink()  # the marker only ever describes a finished install
     t = time.monotonic()
-    if guard is not None:
+    if guard is not None and guard is not prepared:
         with cache_lock(cache):
             guard.before_install(entries)
     timings["guard_before"] = time.monotonic() - t
+    if guard is not None and guard is prepared:
+        timings["guard_ahead"] = prepared.seconds
     if req.get("view_if_needed"):
         # the parent started no store view: install only if no archive is needed
         if guard is not None:
@@ -506,11 +539,15 @@ def _wait(argv: list[str]) -> tuple[str, str] | None:
 
     if argv[:1] == ["--lock"] and len(argv) >= 2:
         _read_ahead(argv[1])
-    line = sys.stdin.readline()
-    if not line.strip():
-        return None
-    request = json.loads(line)
-    return str(request["command"]), json.dumps(request["payload"])
+    while True:
+        line = sys.stdin.readline()
+        if not line.strip():
+            return None
+        request = json.loads(line)
+        if request["command"] != "prepare":
+            return str(request["command"]), json.dumps(request["payload"])
+        with contextlib.suppress(Exception):  # a hint: the request decides
+            cmd_prepare(request["payload"])
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from pixicache.bundle.runtime import bundle_runtime, take_prewarmed
 from pixicache.errors import InstallError
 
-__all__ = ["PREWARM", "child_argv", "discard_ahead", "run_child", "start_ahead"]
+__all__ = ["PREWARM", "child_argv", "discard_ahead", "prepare_ahead", "run_child", "start_ahead"]
 
 _TAIL = 30
 _AHEAD: list[tuple[subprocess.Popen[str], str | None]] = []  # (child, the lock it read ahead)
@@ -140,6 +140,24 @@ def start_ahead(lock: str | os.PathLike[str] | None = None) -> bool:
     if proc is not None:
         _AHEAD.append((proc, want))
     return bool(_AHEAD)
+
+
+def prepare_ahead(payload: dict[str, Any]) -> bool:
+    """Tell the child waiting for ``payload["lock"]`` what the coming install links from
+    (``lock``, ``environment``, ``platform``, ``package_cache``), so that its cache guard
+    checks those entries now (:func:`pixicache.backends.rattler.child.cmd_prepare`);
+    whether a child was told. Never raises: a child not told checks at the install."""
+    if not _AHEAD:
+        return False
+    proc, lock = _AHEAD[0]
+    if lock != payload.get("lock") or proc.poll() is not None or proc.stdin is None:
+        return False
+    try:
+        proc.stdin.write(json.dumps({"command": "prepare", "payload": payload}) + "\n")
+        proc.stdin.flush()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def discard_ahead() -> None:
