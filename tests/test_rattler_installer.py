@@ -420,3 +420,28 @@ def test_the_childs_operation_count_reads_conda_meta_as_rattler_counts(tmp_path)
     st = (meta / "python-3.12.0-h0_0.json").stat()
     os.utime(meta / "python-3.12.0-h0_0.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten: one
     assert operations_between(fresh, _linked(str(tmp_path))) == 4
+
+
+def test_the_child_imports_asyncio_without_ssl_and_ssl_stays_importable():
+    """The child imports asyncio with ``ssl`` unavailable (its TLS support is never used
+    there: ~7 ms), and a py-rattler that imports ``ssl`` itself still gets it."""
+    import subprocess
+    import sys
+
+    from pixicache.backends.rattler.process import PREWARM
+
+    root = str(Path(__file__).resolve().parent.parent)
+    code = (
+        "import sys; sys.path.append(sys.argv[1])\n"
+        "from pixicache.backends.rattler.child import import_asyncio_without_ssl\n"
+        "import_asyncio_without_ssl()\n"
+        "import asyncio.base_events as b; assert b.ssl is None, b.ssl\n"
+        "import ssl; assert ssl.HAS_SNI is not None\n"
+        "print('ok')\n"
+    )
+    for program, args in ((code, [root]), (PREWARM + "import ssl\nprint('ok')\n", [])):
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", program, *args],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -583,11 +583,24 @@ def main(argv: list[str]) -> int:
     return rc
 
 
+def import_asyncio_without_ssl() -> None:
+    """Import asyncio with Python's ``ssl`` unavailable (about 7 ms: asyncio imports it
+    at once and would use it only for TLS connections, which the child never makes;
+    py-rattler does its TLS in Rust); ``ssl`` stays importable for anything else."""
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+    try:
+        import asyncio  # noqa: F401
+    finally:
+        if sys.modules.get("ssl", 0) is None:
+            del sys.modules["ssl"]
+
+
 def run(argv: list[str]) -> NoReturn:
     """The child process: :func:`main`, then the end without the interpreter's teardown
-    (where py-rattler can crash). Python's ``ssl`` is marked unavailable first: only
-    asyncio would import it (about 7 ms), and py-rattler does its TLS in Rust."""
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    (where py-rattler can crash)."""
+    import_asyncio_without_ssl()
     code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()

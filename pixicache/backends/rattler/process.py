@@ -37,7 +37,10 @@ working directory never on it), then :func:`pixicache.backends.rattler.child.run
 
 PREWARM = (
     "import sys\n"
-    "sys.modules.setdefault('ssl', None)\n"
+    "if 'ssl' not in sys.modules:\n"
+    "    sys.modules['ssl'] = None\n"  # as child.import_asyncio_without_ssl
+    "    import asyncio\n"
+    "    del sys.modules['ssl']\n"
     "import asyncio, json\n"
     "line = sys.stdin.readline()\n"
     "if line.strip():\n"
@@ -48,7 +51,8 @@ PREWARM = (
 )
 """The ``-c`` program of the child the bundle's launcher starts before anything else
 (``python -I -S -c PREWARM``): it imports asyncio (the largest part of the child's
-start, stdlib only) while the launcher is still finding its unpacked tree, then reads
+start, stdlib only; without ``ssl``, as the child does) while the launcher is still
+finding its unpacked tree, then reads
 one line, ``{"tree": ..., "argv": [...]}``, and becomes the child
 (:func:`pixicache.backends.rattler.child.run`); at EOF it ends (nobody needed it).
 :func:`start_ahead` hands it that line (:func:`pixicache.bundle.runtime.take_prewarmed`)."""
