@@ -321,14 +321,22 @@ def test_a_warm_package_cache_installs_without_a_store_view(tmp_path, store, dem
     assert (job2.prefix / "bin" / "hello").is_file()
 
 
-def test_a_cache_entry_the_guard_repairs_is_fetched_through_the_view(tmp_path, store, demo_lock):
-    """A cache entry changed since extraction: the child's guard evicts it and asks for
-    the store view before rattler runs; the entry comes back from the node store."""
+def _install_then_change_a_cache_entry(tmp_path: Path, store: Store, demo_lock: Path) -> str:
+    """Install once (the package cache fills), then change a file of hello-data's cache
+    entry in place, as a job writing through its prefix's hard link would; returns the
+    file's pristine text."""
     RattlerInstaller().install(_request(tmp_path / "job1", demo_lock, store))
     cached = store.package_cache / "hello-data-1.0.0-h0_0" / "share" / "hello-data" / "greeting.txt"
     pristine = cached.read_text()
     with open(cached, "a") as fh:
         fh.write("changed in the cache\n")
+    return pristine
+
+
+def test_a_cache_entry_the_guard_repairs_is_fetched_through_the_view(tmp_path, store, demo_lock):
+    """A cache entry changed since extraction: the child's guard evicts it and asks for
+    the store view before rattler runs; the entry comes back from the node store."""
+    pristine = _install_then_change_a_cache_entry(tmp_path, store, demo_lock)
     job2 = _request(tmp_path / "job2", demo_lock, store)
     result = RattlerInstaller().install(job2)
     assert "1 archive(s) from the store view" in result.notes[0], result.notes
@@ -346,11 +354,7 @@ def test_the_cache_guard_checks_ahead_and_the_install_uses_that_check(tmp_path, 
     from pixicache.agent.ahead import prepare_installer_ahead
     from pixicache.backends.rattler.process import start_ahead
 
-    RattlerInstaller().install(_request(tmp_path / "job1", demo_lock, store))
-    cached = store.package_cache / "hello-data-1.0.0-h0_0" / "share" / "hello-data" / "greeting.txt"
-    pristine = cached.read_text()
-    with open(cached, "a") as fh:
-        fh.write("changed in the cache\n")
+    pristine = _install_then_change_a_cache_entry(tmp_path, store, demo_lock)
     job2 = _request(tmp_path / "job2", demo_lock, store)
     assert start_ahead(job2.workspace / "pixi.lock")
     assert prepare_installer_ahead(job2.workspace / "pixi.lock", "default", PLATFORM, job2.package_cache)
