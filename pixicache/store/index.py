@@ -106,6 +106,7 @@ class Index:
         self._prepared = prepare is None
         self._prepare_lock = threading.Lock()
         self._changing = threading.Lock()  # one change at a time; held for good at exit
+        _watch(self)
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use, after :attr:`prepare`)."""
@@ -167,7 +168,6 @@ class Index:
     def _change(self) -> Iterator[sqlite3.Connection]:
         """:meth:`_write` for a statement or transaction that changes the index: one at a
         time in this process, and waited for (never cut short) at its exit."""
-        _watch(self)
         with self._changing, self._write() as conn:
             yield conn
 
