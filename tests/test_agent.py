@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,6 +132,10 @@ def test_warm_node_fresh_workdir_makes_no_request(tmp_path, demo_lock, demo_upst
     assert _agent(first, store, "install", source=f"mirror={demo_upstream.url}").returncode == 0
     assert _report(first)["command"] == "install"
     demo_upstream.reset_log()
+    from pixicache.store import Store
+
+    index = Store(store)._db()
+    index.execute("UPDATE blobs SET last_use=1000")  # long unused, as far as eviction knows
     second = _workspace(tmp_path / "job2", demo_lock)
     t0 = time.monotonic()
     proc = _agent(second, store, "run", "hello", source=f"mirror={demo_upstream.url}")
@@ -140,6 +145,9 @@ def test_warm_node_fresh_workdir_makes_no_request(tmp_path, demo_lock, demo_upst
     rep = _report(second)
     assert rep["tiers"]["store"]["artifacts"] == 4
     assert sum(rep["tiers"][t]["artifacts"] for t in ("local", "mirror", "upstream")) == 0
+    # the use was recorded (while the installer's child linked), for every artifact
+    uses = [row[0] for row in index.execute("SELECT last_use FROM blobs")]
+    assert len(uses) == 4 and all(u > time.time() - 600 for u in uses), uses
     print(
         f"\nwarm node, fresh workdir: time_to_task {rep['time_to_task']:.3f} s in the agent, "
         f"{wall:.3f} s wall including interpreter start; phases {rep['phases']}"
@@ -354,6 +362,73 @@ def test_a_blob_a_neighbour_quarantined_mid_install_is_fetched_again(
     assert outcome.prefix.is_dir() and store.has(victim.sha256, victim.size)
     fetched = [r.path for r in demo_upstream.requests if r.path.endswith(victim.filename)]
     assert len(fetched) == 1
+
+
+def _in_process_install(tmp_path: Path, demo_lock: Path, source: str) -> tuple[Path, Any]:
+    """A warm node (one install by a job before), and the options of a second one."""
+    from pixicache import agent
+    from pixicache.config import resolve_settings
+
+    store_dir = tmp_path / "node-store"
+    assert _agent(_workspace(tmp_path / "job1", demo_lock), store_dir, "install", source=source).returncode == 0
+    settings = resolve_settings(cache_dir=store_dir, sources=[source])
+    return _workspace(tmp_path / "job2", demo_lock), agent.AgentOptions(settings, preflight=False)
+
+
+def test_in_a_bundle_the_collector_the_launcher_held_off_is_on_after_the_install(
+    tmp_path, demo_lock, demo_upstream, monkeypatch
+):
+    """The bundle's launcher starts with cyclic garbage collection off (a start allocates
+    much and frees little): it is on again once the install is done, what the start made
+    frozen rather than collected in one deferred pass."""
+    import gc
+    from types import SimpleNamespace
+
+    from pixicache import agent
+    from pixicache.bundle import runtime
+
+    ws, options = _in_process_install(tmp_path, demo_lock, f"mirror={demo_upstream.url}")
+    bundle = SimpleNamespace(rattler_dir=None, rattler_ok=True, rattler_reason="as in a bundle")
+    monkeypatch.setattr(runtime, "_RUNTIME", bundle)
+    gc.disable()
+    try:
+        outcome = agent.install(ws / "pixi.toml", options=options)
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    assert (outcome.prefix / "bin" / "hello").is_file()
+    monkeypatch.setattr(runtime, "_RUNTIME", None)  # outside a bundle: left as it is
+    gc.disable()
+    try:
+        runtime.resume_collection()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_use_record_that_fails_never_cuts_the_install_short(
+    tmp_path, demo_lock, demo_upstream, monkeypatch
+):
+    """The store's record of a warm job's use runs while the installer's child links;
+    when it fails, the install still completes, and the error (exit 7) comes after it."""
+    from pixicache import agent
+    from pixicache.errors import StoreError
+    from pixicache.store import Store
+
+    ws, options = _in_process_install(tmp_path, demo_lock, f"mirror={demo_upstream.url}")
+    calls: list[int] = []
+
+    def broken(self: Store, artifacts: Any) -> None:
+        calls.append(len(list(artifacts)))
+        raise StoreError("the index is unusable (test)")
+
+    monkeypatch.setattr(Store, "touch", broken)
+    with pytest.raises(StoreError, match="unusable"):
+        agent.install(ws / "pixi.toml", options=options)
+    assert calls == [4]
+    prefix = ws / ".pixi" / "envs" / "default"
+    assert (prefix / "bin" / "hello").is_file() and (prefix / "conda-meta" / "pixi").is_file()
 
 
 CHECK_AHEAD = r"""

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import socket
-from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -194,8 +192,7 @@ def test_manifest_system_requirements_of_the_environment_count(tmp_path, node, m
 
 def test_disk_too_small_fails_with_request_disk(lock, node, monkeypatch):
     monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "12.9")
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(pf, "free_bytes", lambda path: 1000)
     with pytest.raises(PreflightError) as err:
         run(lock, node)
     text = str(err.value)
@@ -206,10 +203,15 @@ def test_disk_too_small_fails_with_request_disk(lock, node, monkeypatch):
 
 def test_disk_estimate_uses_a_known_installed_size(lock, node, monkeypatch):
     monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "12.9")
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 6000 + 5000 * 2))
+    monkeypatch.setattr(pf, "free_bytes", lambda path: 6000 + 5000 * 2)
     report = run(lock, node, installed_bytes=6000)
     assert {c.name: c.status for c in report.checks}["disk"] == "ok"
+
+
+def test_free_bytes_is_what_shutil_calls_free(tmp_path):
+    import shutil
+
+    assert abs(pf.free_bytes(tmp_path) - shutil.disk_usage(tmp_path).free) < 64 << 20
 
 
 def closed_port() -> int:

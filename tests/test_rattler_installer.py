@@ -449,3 +449,24 @@ def test_the_child_imports_asyncio_without_ssl_and_ssl_stays_importable():
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_the_childs_own_sha256_is_hashlibs_and_its_start_loads_no_openssl():
+    """The child fingerprints a prefix with CPython's own SHA-256 module (same digest as
+    hashlib's) so its start does not load OpenSSL for it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from pixicache.backends.rattler.child import _sha256
+
+    for data in (b"", b"abc", os.urandom(100_000)):
+        assert _sha256(data) == hashlib.sha256(data).hexdigest()
+    tree = str(Path(__file__).resolve().parents[1])
+    code = (
+        f"import sys; sys.path.insert(0, {tree!r}); "
+        "import pixicache.backends.rattler.child as c; c.prefix_fingerprint('.'); "
+        "print(sorted(m for m in ('hashlib', '_hashlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from pixicache.agent.options import AgentOptions
 
 #: The options of ``install``/``run`` that take a value (so the value is not TASK).
@@ -65,29 +67,33 @@ def start_from_argv(argv: list[str]) -> bool:
     pre-warmed becomes this one, or is ended here. Whether one started; never raises
     (a guess that fails is no child).
     """
+    words = iter(argv)
+    agent = not {"--help", "-h"} & set(argv) and _agent_command(words)
     try:
-        return _start_from_argv(argv)
+        return agent and _start_from_argv(words)
     except Exception:
         return False
-    finally:  # the launcher's pre-warmed child, if this guess did not take it
-        from pixicache.bundle.runtime import drop_prewarmed
+    finally:
+        from pixicache.bundle.runtime import drop_prewarmed, resume_collection
 
-        drop_prewarmed()
+        drop_prewarmed()  # the launcher's pre-warmed child, if this guess did not take it
+        if not agent:
+            resume_collection()  # the agent's own start is collected later
 
 
-def _start_from_argv(argv: list[str]) -> bool:
-    if "--help" in argv or "-h" in argv:
-        return False
-    words = iter(argv)
+def _agent_command(words: Iterator[str]) -> bool:
+    """Whether the command is ``install`` or ``run``, consuming ``words`` up to its name."""
     for word in words:
         if word == "--cache-dir":
             next(words, None)
         elif word in ("install", "run"):
-            break
+            return True
         elif not word.startswith("--cache-dir="):
             return False
-    else:
-        return False
+    return False
+
+
+def _start_from_argv(words: Iterator[str]) -> bool:
     manifest, installer = "pixi.toml", "auto"
     for word in words:
         name, _, value = word.partition("=")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pixicache.agent.options import AgentOptions
 from pixicache.agent.report import RunReport
 from pixicache.agent.signals import interruptible
+from pixicache.bundle.runtime import resume_collection
 from pixicache.errors import FetchError, InstallError, IntegrityError, LockError, StoreError
 from pixicache.installers import registry
 from pixicache.installers.base import Installer, InstallRequest, InstallResult
@@ -83,6 +84,35 @@ class InstallOutcome:
     notes: list[str] = field(default_factory=list)
 
 
+class _Meanwhile:
+    """Work of the job's that may run while the installer waits (it becomes the
+    request's :attr:`~pixicache.installers.base.InstallRequest.meanwhile`): the first
+    call runs everything added so far, once; an error is kept, never raised into the
+    installer, and :meth:`finish` (after the install) runs what is left and raises it."""
+
+    def __init__(self) -> None:
+        self._work: list[Callable[[], None]] = []
+        self._error: Exception | None = None
+
+    def add(self, work: Callable[[], None]) -> None:
+        self._work.append(work)
+
+    def __call__(self) -> None:
+        while self._work:
+            work = self._work.pop(0)
+            try:
+                work()
+            except Exception as exc:  # for finish(): the install goes on
+                if self._error is None:
+                    self._error = exc
+
+    def finish(self) -> None:
+        self()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 class _Sources:
     """The settings' sources, parsed on first use (a warm node never needs them)."""
 
@@ -113,6 +143,7 @@ class _Job:
     plan: Plan | None = None
     lock_problem: LockError | None = None
     pixi: Any = None
+    meanwhile: _Meanwhile = field(default_factory=_Meanwhile)
 
     @property
     def prefix(self) -> Path:
@@ -291,6 +322,7 @@ def _request(job: _Job) -> InstallRequest:
         pixi=job.pixi.path if job.pixi is not None else None,
         parsed_manifest=job.manifest,
         build_index_url=_build_index_url(job),
+        meanwhile=job.meanwhile,
     )
 
 
@@ -321,9 +353,12 @@ def _fetch(job: _Job, inst: Installer, request: InstallRequest) -> FetchReport |
         rep.note("the prefix is already up to date: nothing fetched")
         return None
     if not job.missing():
-        job.store.touch(job.artifacts)
+        # the record of this use (one index transaction) waits for the installer
+        store, artifacts = job.store, job.artifacts
+        job.meanwhile.add(lambda: store.touch(artifacts))
         rep.record_store_hits(job.artifacts)
         return None
+    resume_collection()  # a download is the job's long part
     fetch_report: FetchReport = job.fetcher().fetch(job.artifacts)
     rep.record_fetch(fetch_report)
     if not fetch_report.ok:
@@ -437,7 +472,14 @@ def install(
     with rep.phase("fetch"):
         fetch_report = _fetch(job, inst, request)
     with rep.phase("install"):
-        result = _install(job, inst, request)
+        try:
+            result = _install(job, inst, request)
+        except Exception:
+            job.meanwhile.finish()  # its error first: a store this user cannot write
+            raise
+        finally:
+            resume_collection()  # the start is over (the launcher held it off)
+        job.meanwhile.finish()
     rep.record_installer(inst.name, reason, result)
     assert job.lock is not None
     return InstallOutcome(

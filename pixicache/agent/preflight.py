@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import platform as _platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -318,6 +317,8 @@ def _driver_to_cuda(driver: str) -> str | None:
 
 
 def _smi_cuda() -> tuple[str | None, str]:
+    import shutil
+
     exe = shutil.which(NVIDIA_SMI)
     if exe is None:
         return None, ""
@@ -489,6 +490,13 @@ def _existing(path: Path) -> Path:
     return p
 
 
+def free_bytes(path: Path) -> int:
+    """Bytes free to an unprivileged user on the file system of ``path`` (what
+    :func:`shutil.disk_usage` calls free; shutil is not imported for it at every start)."""
+    vfs = os.statvfs(path)
+    return vfs.f_bavail * vfs.f_frsize
+
+
 def _check_disk(
     report: PreflightReport,
     artifacts: list[Artifact],
@@ -524,7 +532,7 @@ def _check_disk(
     worst = "ok"
     lines = []
     for where, need, whats in places.values():
-        free = shutil.disk_usage(where).free
+        free = free_bytes(where)
         if free < need:
             worst = "error"
             lines.append(

@@ -177,9 +177,11 @@ _LAUNCHER = """\
 # pixicache: the worker agent as one file, built by `pixicache bundle`.
 # Run it with python3 >= 3.9: python3 -I pixicache.pyz --help
 # This launcher parses on any Python, so an old one gets a message, not a traceback.
+import gc
 import os
 import sys
 
+gc.disable()  # until the command's long part: pixicache.bundle.runtime.resume_collection
 META = {meta}
 
 

@@ -157,6 +157,25 @@ def bundle_runtime() -> BundleRuntime | None:
 _PREWARMED: list[Any] = []  # the launcher's pre-warmed py-rattler child, until taken
 
 
+def resume_collection() -> None:
+    """Turn Python's cyclic garbage collector back on in a bundle's process.
+
+    The bundle's launcher turns it off as it starts: a start imports much and frees
+    little, and the collections its allocations trigger, each a pass over every object
+    imported so far, cost ~5-10 ms of every job. It is back on before anything long
+    runs: other commands get it at once (:func:`pixicache.agent.ahead.start_from_argv`),
+    ``install`` and ``run`` once a download starts or the install ends
+    (:mod:`pixicache.agent.pipeline`). What exists by then is frozen first
+    (:func:`gc.freeze`: modules and the plan, needed to the end), else the first
+    collection would be the deferred pass over all of it. Outside a bundle this changes
+    nothing."""
+    import gc
+
+    if _RUNTIME is not None and not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def take_prewarmed() -> subprocess.Popen[str] | None:
     """The py-rattler child the launcher started before anything else (see
     :data:`pixicache.backends.rattler.process.PREWARM`), once; ``None`` if there is none

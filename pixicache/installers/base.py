@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pixicache.model.lockfile import Lock
     from pixicache.model.manifest import Manifest
     from pixicache.store import Store
@@ -37,6 +39,10 @@ class InstallRequest:
             ``[system-requirements]`` go into Pixi's environment file).
         build_index_url: a PyPI index for the build requirements of sdists
             built on the node (the site mirror's), or ``None`` (``--no-index``).
+        meanwhile: the caller's own work that may run while the installer waits
+            (the store's record of this job's use of its artifacts): an installer
+            may call it once, while its child process installs; it never raises
+            and may be ignored (the caller then runs it after the install).
     """
 
     workspace: Path
@@ -50,6 +56,7 @@ class InstallRequest:
     pixi: Path | None = None
     parsed_manifest: Manifest | None = None
     build_index_url: str | None = None
+    meanwhile: Callable[[], None] | None = None
 
     def channels(self) -> list[str]:
         """Every conda channel the environment's packages come from (the lock's

@@ -41,10 +41,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -168,7 +166,13 @@ class PixiInstaller:
                 f"{request.workspace}/.pixi/config.toml has a [mirrors] table, which Pixi "
                 "merges over pixicache's: packages may not come from the node store"
             )
-        Path(request.package_cache).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(request.package_cache).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise request.store.os_error(exc, "creating the package cache") from exc
+        import shutil  # only when Pixi installs: not at every agent start (plugins load this)
+        import tempfile
+
         tmp = Path(tempfile.mkdtemp(prefix="pixicache-pixi-"))
         try:
             indexes = request.lock.environment(request.environment).indexes

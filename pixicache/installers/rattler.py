@@ -46,8 +46,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -61,6 +59,8 @@ from pixicache.installers.base import InstallRequest, InstallResult
 from pixicache.model.artifact import Artifact
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from pixicache.store.view import StoreView
 
 __all__ = [
@@ -129,9 +129,11 @@ def prefix_is_current(request: InstallRequest) -> bool:
     return all(f"{d}.json" in present for d in wanted["packages"])
 
 
-def _write_pixi_environment_file(request: InstallRequest) -> str:
-    """Write Pixi's ``conda-meta/pixi`` so a later ``pixi run`` sees the prefix as current."""
-    from pixicache.backends.pixi.envfile import environment_file, write_environment_file
+def _pixi_environment_file(request: InstallRequest) -> dict[str, Any] | None:
+    """The content of Pixi's ``conda-meta/pixi`` for ``request`` (``None``: the manifest
+    cannot be read). It depends on the lock and manifest only, so it can be computed
+    while the child installs."""
+    from pixicache.backends.pixi.envfile import environment_file
     from pixicache.backends.pixi.pins import load_pins
     from pixicache.model.manifest import Manifest
 
@@ -140,12 +142,23 @@ def _write_pixi_environment_file(request: InstallRequest) -> str:
         try:
             manifest = Manifest.load(request.manifest)
         except LockError:
-            manifest = None
-    if manifest is None:
-        return "no conda-meta/pixi written: the manifest cannot be read"
-    content = environment_file(
+            return None
+    return environment_file(
         manifest, request.lock, request.environment, request.platform, load_pins()[1]
     )
+
+
+def _write_pixi_environment_file(
+    request: InstallRequest, content: dict[str, Any] | None = None
+) -> str:
+    """Write Pixi's ``conda-meta/pixi`` (``content``: as computed before, else computed
+    now) so a later ``pixi run`` sees the prefix as current."""
+    from pixicache.backends.pixi.envfile import write_environment_file
+
+    if content is None:
+        content = _pixi_environment_file(request)
+    if content is None:
+        return "no conda-meta/pixi written: the manifest cannot be read"
     write_environment_file(request.prefix, content)
     return f"wrote conda-meta/pixi (Pixi's environment file, hash {content['environment_lock_file_hash']})"
 
@@ -183,6 +196,9 @@ def install_pypi(request: InstallRequest) -> Any:
         if kind == "git":
             raise refuse_git(pkg)
     store = request.store
+    import shutil  # PyPI entries only: not imported by a conda-only install
+    import tempfile
+
     scratch = Path(tempfile.mkdtemp(prefix="pypi-", dir=store.private_dir(store.user_dir / "builds")))
     try:
         for pkg, kind, local in kinds:
@@ -235,6 +251,9 @@ def _wanted_wheel(
 def _named_copy(scratch: Path, blob: Path, filename: str, sha: str) -> Any:
     """A store blob under its own file name (pip reads an sdist's kind from its name),
     the copy checked against ``sha`` (the store is written by other users too)."""
+    import shutil
+    import tempfile
+
     from pixicache.installers.pypi import check_digest
     from pixicache.store.files import open_regular
 
@@ -272,6 +291,51 @@ def _cache_holds(cache: Path, packages: list[Any]) -> bool:
     return all(
         f"{p.name}-{p.version}-{p.build}" in present for p in packages if p.kind == "conda"
     )
+
+
+def _make_dirs(request: InstallRequest, cache: Path, envs: Path) -> None:
+    """Create the package cache (in the node store) and the prefix's parent (in the
+    workspace), or say which of them this user cannot create."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise request.store.os_error(exc, f"creating the package cache {cache}") from exc
+    try:
+        envs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InstallError(
+            f"cannot create {envs} for the environment's prefix ({exc.strerror}): the job's "
+            "workspace must be writable by the job"
+        ) from exc
+
+
+def _child_notes(answer: dict[str, Any]) -> list[str]:
+    """The report's notes on what the child's cache guard did, how it started, its timings."""
+    notes = []
+    if answer.get("evicted"):
+        notes.append(
+            "repaired package-cache entries modified through a prefix's hard links: "
+            + ", ".join(answer["evicted"])
+        )
+    if answer.get("verified"):
+        notes.append(f"verified {len(answer['verified'])} cache entr(ies) extracted by another tool")
+    if answer.get("ahead"):
+        how = [
+            what
+            for key, what in (
+                ("prewarmed", "pre-warmed by the launcher"),
+                ("lock_read_ahead", "the lock read ahead"),
+            )
+            if answer["ahead"].get(key)
+        ]
+        notes.append(
+            "py-rattler child started ahead of need" + (f" ({'; '.join(how)})" if how else "")
+        )
+    if answer.get("timings"):
+        notes.append(
+            "py-rattler child (s): " + ", ".join(f"{k} {v:.3f}" for k, v in answer["timings"].items())
+        )
+    return notes
 
 
 def _pypi_count(request: InstallRequest) -> int:
@@ -339,8 +403,7 @@ class RattlerInstaller:
             raise InstallError(f"the rattler installer cannot run: {why}")
         _refuse_conda_sources(packages)
         cache = Path(request.package_cache).absolute()
-        cache.mkdir(parents=True, exist_ok=True)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(request, cache, prefix.parent)
         payload = {
             "lock": str(Path(request.lock.path).absolute()),
             "environment": request.environment,
@@ -351,13 +414,22 @@ class RattlerInstaller:
             "state": None if _pypi_count(request) else _wanted_state(request),
             "guard": self.guard,
         }
+        early: dict[str, Any] = {}
+
+        def meanwhile() -> None:  # while the child installs (run_child)
+            if request.meanwhile is not None:
+                request.meanwhile()  # never raises
+            if "envfile" not in early:
+                with contextlib.suppress(Exception):  # else computed after, raising then
+                    early["envfile"] = _pixi_environment_file(request)
+
         answer, first, note = None, None, None
         if _cache_holds(cache, packages):
-            answer, note = self._install_from_cache(request, payload)
+            answer, note = self._install_from_cache(request, payload, meanwhile)
             if answer is not None and answer.get("need_view"):
                 first, answer = answer, None
         if answer is None:
-            answer, served = self._install_through_view(request, payload)
+            answer, served = self._install_through_view(request, payload, meanwhile)
             where = f"{served} archive(s) from the store view"
             for key in ("evicted", "verified"):  # what the first child's guard did
                 answer[key] = [*(first or {}).get(key, []), *answer.get(key, [])]
@@ -372,33 +444,8 @@ class RattlerInstaller:
             notes.append(plan.note())
             pypi_changed = bool(plan.installed or plan.removed)
             write_state(prefix / "conda-meta" / STATE_FILE, _wanted_state(request))
-        notes.append(_write_pixi_environment_file(request))
-        if answer.get("evicted"):
-            notes.append(
-                "repaired package-cache entries modified through a prefix's hard links: "
-                + ", ".join(answer["evicted"])
-            )
-        if answer.get("verified"):
-            notes.append(
-                f"verified {len(answer['verified'])} cache entr(ies) extracted by another tool"
-            )
-        if answer.get("ahead"):
-            how = [
-                what
-                for key, what in (
-                    ("prewarmed", "pre-warmed by the launcher"),
-                    ("lock_read_ahead", "the lock read ahead"),
-                )
-                if answer["ahead"].get(key)
-            ]
-            notes.append(
-                "py-rattler child started ahead of need" + (f" ({'; '.join(how)})" if how else "")
-            )
-        if answer.get("timings"):
-            notes.append(
-                "py-rattler child (s): "
-                + ", ".join(f"{k} {v:.3f}" for k, v in answer["timings"].items())
-            )
+        notes.append(_write_pixi_environment_file(request, early.get("envfile")))
+        notes.extend(_child_notes(answer))
         return InstallResult(
             installer=self.name,
             prefix=prefix,
@@ -409,7 +456,7 @@ class RattlerInstaller:
         )
 
     def _install_from_cache(
-        self, request: InstallRequest, payload: dict[str, Any]
+        self, request: InstallRequest, payload: dict[str, Any], meanwhile: Callable[[], None]
     ) -> tuple[dict[str, Any] | None, str | None]:
         """The install when the package cache has every package: no store view (its
         HTTP server costs ~40 ms to import and start). The child's cache guard checks
@@ -427,7 +474,7 @@ class RattlerInstaller:
             try:
                 answer = run_child(
                     "install", {**payload, "mirrors": mirrors, "view_if_needed": True},
-                    timeout=self.timeout,
+                    timeout=self.timeout, meanwhile=meanwhile,
                 )  # fmt: skip
             except InstallError as exc:
                 first = str(exc).splitlines()[0][:300]
@@ -438,7 +485,7 @@ class RattlerInstaller:
         return answer, None
 
     def _install_through_view(
-        self, request: InstallRequest, payload: dict[str, Any]
+        self, request: InstallRequest, payload: dict[str, Any], meanwhile: Callable[[], None]
     ) -> tuple[dict[str, Any], int]:
         """The install with every channel mapped to a :class:`StoreView` of the node
         store: the child's answer and how many archives the view served."""
@@ -449,7 +496,10 @@ class RattlerInstaller:
         try:
             try:
                 answer = run_child(
-                    "install", {**payload, "mirrors": view.mirrors(request.channels())}, timeout=self.timeout
+                    "install",
+                    {**payload, "mirrors": view.mirrors(request.channels())},
+                    timeout=self.timeout,
+                    meanwhile=meanwhile,
                 )
             except InstallError as exc:
                 raise _explained(exc, view, artifacts) from None

@@ -34,7 +34,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import shutil
 import sqlite3
 import stat
 import time
@@ -621,4 +620,6 @@ class Store:
 
     def clear(self) -> None:
         """Delete everything (used by tests and ``cache clear``)."""
+        import shutil
+
         shutil.rmtree(self.root, ignore_errors=True)

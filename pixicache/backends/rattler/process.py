@@ -15,10 +15,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pixicache.bundle.runtime import bundle_runtime, take_prewarmed
 from pixicache.errors import InstallError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["PREWARM", "child_argv", "discard_ahead", "prepare_ahead", "run_child", "start_ahead"]
 
@@ -26,17 +29,21 @@ _TAIL = 30
 _AHEAD: list[tuple[subprocess.Popen[str], str | None]] = []  # (child, the lock it read ahead)
 _AT_EXIT: list[bool] = []  # discard_ahead is registered with atexit (once)
 _PREWARMED_PIDS: set[int] = set()  # ahead children that began as the launcher's
+_WRITE_AT_ONCE = 16384  # a command this long fits the pipe beside a waiting one: never blocks
 _BOOT = (
-    "import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+    "import gc, sys; gc.disable(); sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
     "sys.path.append(sys.argv[1]); "
     "from pixicache.backends.rattler.child import run; run(sys.argv[2:])"
 )
 """The child's ``-c`` program: the tree holding pixicache last on ``sys.path`` (the
-working directory never on it), then :func:`pixicache.backends.rattler.child.run`."""
+working directory never on it), then :func:`pixicache.backends.rattler.child.run`.
+Without cyclic garbage collection: the child runs one command and ends
+(``os._exit``), and its imports would otherwise trigger collections (~5 ms)."""
 
 
 PREWARM = (
-    "import sys\n"
+    "import gc, sys\n"
+    "gc.disable()\n"  # as _BOOT
     "if 'ssl' not in sys.modules:\n"
     "    sys.modules['ssl'] = None\n"  # as child.import_asyncio_without_ssl
     "    import asyncio\n"
@@ -182,10 +189,16 @@ def _take_ahead() -> subprocess.Popen[str] | None:
 
 
 def run_child(
-    command: str, payload: dict[str, Any], *, timeout: float | None = None
+    command: str,
+    payload: dict[str, Any],
+    *,
+    timeout: float | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run the rattler child (``install`` or ``activate``) and return its JSON answer
-    (the one :func:`start_ahead` started, if any).
+    (the one :func:`start_ahead` started, if any). ``meanwhile`` runs in this process
+    once the child has its command, before its answer is awaited (it must not raise;
+    ``timeout`` counts from after it).
 
     Raises:
         InstallError: the child failed, crashed or answered nonsense.
@@ -205,6 +218,14 @@ def run_child(
         )
     with proc:
         try:
+            if request is not None and len(request) <= _WRITE_AT_ONCE and proc.stdin:
+                with contextlib.suppress(BrokenPipeError):  # it died: communicate says how
+                    proc.stdin.write(request)  # the command first: it starts at once
+                    proc.stdin.flush()
+                request = None
+            if meanwhile is not None and request is None:
+                meanwhile()
+                meanwhile = None
             stdout, stderr = proc.communicate(request, timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -215,6 +236,8 @@ def run_child(
         except BaseException:  # a signal (eviction) or an error here: the child goes too
             proc.kill()
             raise
+    if meanwhile is not None:  # the command was too long to write without waiting
+        meanwhile()
     answer: dict[str, Any] | None = None
     for line in reversed(stdout.strip().splitlines()):
         with contextlib.suppress(ValueError):
