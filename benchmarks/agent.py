@@ -28,7 +28,11 @@ start as on a node):
 each, and the ratio warm / rattler of the best runs and of the medians (the goal:
 <= 1.3; reported, not asserted).
 Wall times include the interpreter start of both (what a job sees); ``agent`` is the
-time the agent itself reports.
+time the agent itself reports. Both run on the same interpreter, set up as a node's
+python3 with py-rattler installed (:func:`node_python`): a virtual environment of this
+Python whose ``site`` holds the directory py-rattler is in and nothing else, so neither
+pays for this checkout's editable install (its finder, loaded by ``site`` at every start,
+is 5-20 ms that a node's python3 never spends).
 
     python benchmarks/agent.py --scale 0.01 --scale 0.1
 """
@@ -81,6 +85,20 @@ os._exit(0)
 """
 
 
+def node_python(base: Path) -> str:
+    """The interpreter both sides run on (see the module doc), created under ``base``."""
+    import venv
+
+    import rattler  # found where this interpreter has it
+
+    home = base / "node-python"
+    if not (home / "bin" / "python").exists():
+        venv.create(home, symlinks=True, with_pip=False)
+        site = next((home / "lib").glob("python3*/site-packages"))
+        (site / "py-rattler.pth").write_text(str(Path(rattler.__file__).resolve().parents[1]) + "\n")
+    return str(home / "bin" / "python")
+
+
 class Agent:
     """The single-file agent as a job runs it: ``python -I pixicache.pyz``, unpacked
     under ``home`` (the first start unpacks, as a node's first job does)."""
@@ -89,13 +107,14 @@ class Agent:
         from pixicache.bundle.build import build_bundle
 
         self.pyz = base / "pixicache.pyz"
+        self.python = node_python(base)
         build_bundle(self.pyz, source="installed", compresslevel=1)
         self.env = {**os.environ, "PIXICACHE_BUNDLE_DIR": str(base / "bundles")}
         self.env.pop("PIXICACHE_SOURCES", None)
 
     def install(self, ws: Path, store: Path, mirror: str) -> dict[str, Any]:
         argv = [
-            sys.executable,
+            self.python,
             "-I",
             str(self.pyz),
             "--cache-dir",
@@ -114,12 +133,12 @@ class Agent:
 
 
 def plain_install(
-    lock: Path, env: str, platform: str, prefix: Path, cache: Path
+    python: str, lock: Path, env: str, platform: str, prefix: Path, cache: Path
 ) -> tuple[float, float]:
     """(wall time of the whole plain process, seconds inside rattler.install)."""
     t = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", PLAIN, str(lock), env, platform, str(prefix), str(cache)],
+        [python, "-I", "-c", PLAIN, str(lock), env, platform, str(prefix), str(cache)],
         capture_output=True,
         text=True,
     )
@@ -155,6 +174,7 @@ def bench(scale: float, base: Path, repeat: int) -> dict[str, Any]:
             )
             plain.append(
                 plain_install(
+                    agent.python,
                     wl.lock_path,
                     wl.environment,
                     wl.platform,

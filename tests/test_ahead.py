@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,21 +58,46 @@ def test_the_launchers_prewarmed_child_is_ended_when_no_child_is_wanted() -> Non
     """The bundle's launcher starts a child for any command line naming install or run;
     when the guess then says no (here: the Pixi installer), that child is ended at once,
     not left beside the job."""
-    import subprocess
-    import sys
-
     from pixicache.agent import ahead
     from pixicache.bundle import runtime
 
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    runtime._PREWARMED.append(proc)
+    pid = _spawn_as_the_launcher([sys.executable, "-c", "import sys; sys.stdin.read()"])
     try:
         assert ahead.start_from_argv(["install", "--installer", "pixi"]) is False
-        assert proc.poll() is not None and runtime.take_prewarmed() is None
+        assert runtime.take_prewarmed() is None
+        with pytest.raises(ChildProcessError):  # ended and reaped, not left beside the job
+            os.waitpid(pid, os.WNOHANG)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+
+
+def _spawn_as_the_launcher(argv: list[str]) -> int:
+    """Start ``argv`` as the bundle's launcher starts its pre-warmed child (``os.posix_spawn``,
+    three pipes) and hand it to the runtime as the launcher does; its pid."""
+    from pixicache.bundle import runtime
+
+    (r0, w0), (r1, w1), (r2, w2) = os.pipe(), os.pipe(), os.pipe()
+    actions = [(os.POSIX_SPAWN_DUP2, r0, 0), (os.POSIX_SPAWN_DUP2, w1, 1), (os.POSIX_SPAWN_DUP2, w2, 2)]
+    pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
+    for fd in (r0, w1, w2):
+        os.close(fd)
+    runtime._PREWARMED.append((pid, w0, r1, r2))
+    return pid
+
+
+def test_the_launchers_child_becomes_a_popen_that_talks_and_ends() -> None:
+    """The pre-warmed child, spawned without subprocess, is adopted as a Popen: it gets
+    stdin, its stdout and stderr are read, its exit status is seen."""
+    from pixicache.bundle import runtime
+
+    code = "import sys; line = sys.stdin.readline(); print(line.upper(), end=''); sys.stderr.write('e'); sys.exit(3)"
+    _spawn_as_the_launcher([sys.executable, "-c", code])
+    proc = runtime.take_prewarmed()
+    assert proc is not None and proc.poll() is None
+    assert proc.stdin is not None
+    proc.stdin.write("hello\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=30)
+    assert (out, err, proc.returncode) == ("HELLO\n", "e", 3)
+    assert runtime.take_prewarmed() is None

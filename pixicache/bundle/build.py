@@ -205,16 +205,32 @@ if ("install" in _words or "run" in _words) and not (
     set(_words) & {"-h", "--help", "--version", "--bundle-info"}
 ):
     # may need py-rattler: its child starts first and imports asyncio meanwhile
-    # (pixicache.agent.ahead decides whether it is used, or ends it)
-    import subprocess
-
+    # (pixicache.agent.ahead decides whether it is used, or ends it). posix_spawn, not
+    # subprocess: importing that is ~7 ms the child would wait (it becomes a Popen later,
+    # pixicache.bundle.runtime.take_prewarmed). Its pipes are close-on-exec; fds this
+    # process inherited are closed in the child, as Popen's close_fds does.
+    _pipes = []
     try:
-        _prewarmed = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", {prewarm}],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            universal_newlines=True,
-        )
-    except OSError:
+        _pipes = [os.pipe() for _ in range(3)]
+        _actions = [(os.POSIX_SPAWN_DUP2, _pipes[0][0], 0), (os.POSIX_SPAWN_DUP2, _pipes[1][1], 1),
+                    (os.POSIX_SPAWN_DUP2, _pipes[2][1], 2)]
+        for _fd in [int(n) for n in os.listdir("/proc/self/fd")]:
+            try:
+                if _fd > 2 and os.get_inheritable(_fd):
+                    _actions.append((os.POSIX_SPAWN_CLOSE, _fd))
+            except OSError:
+                pass
+        _pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", {prewarm}],
+                              os.environ, file_actions=_actions)
+        _prewarmed = (_pid, _pipes[0][1], _pipes[1][0], _pipes[2][0])
+        for _fd in (_pipes[0][0], _pipes[1][1], _pipes[2][1]):
+            os.close(_fd)
+    except (OSError, AttributeError, ValueError):  # no posix_spawn: no child ahead
+        for _fd in [fd for pair in _pipes for fd in pair]:
+            try:
+                os.close(_fd)
+            except OSError:
+                pass
         _prewarmed = None
 
 _archive = os.path.abspath(getattr(__loader__, "archive", None) or sys.argv[0])

@@ -178,9 +178,36 @@ def resume_collection() -> None:
 
 def take_prewarmed() -> subprocess.Popen[str] | None:
     """The py-rattler child the launcher started before anything else (see
-    :data:`pixicache.backends.rattler.process.PREWARM`), once; ``None`` if there is none
-    or it was taken. Whoever takes it owns it."""
-    return _PREWARMED.pop() if _PREWARMED else None
+    :data:`pixicache.backends.rattler.process.PREWARM`), once, as a :class:`subprocess.Popen`
+    (text mode, its stdin, stdout and stderr pipes); ``None`` if there is none or it was
+    taken. Whoever takes it owns it."""
+    if not _PREWARMED:
+        return None
+    pid, stdin, stdout, stderr = _PREWARMED.pop()
+    return _adopt(pid, stdin, stdout, stderr)
+
+
+def _adopt(pid: int, stdin: int, stdout: int, stderr: int) -> subprocess.Popen[str]:
+    """A :class:`subprocess.Popen` for a child this process spawned itself (``os.posix_spawn``),
+    with the parent's ends of its pipes: Popen sets everything up as for a child of its
+    own, except that it creates no pipes (:meth:`_get_handles`) and starts nothing
+    (:meth:`_execute_child`), both unchanged in this role from Python 3.9 to 3.13."""
+    import subprocess
+
+    class Adopted(subprocess.Popen):
+        def _get_handles(self, *args: Any) -> tuple[int, int, int, int, int, int]:
+            return -1, stdin, stdout, -1, stderr, -1
+
+        def _execute_child(self, *args: Any, **kwargs: Any) -> None:
+            self.pid = pid
+            self._child_created = True
+            self._closed_child_pipe_fds = True
+
+    pipe = subprocess.PIPE
+    proc: subprocess.Popen[str] = Adopted(
+        [sys.executable, "-c", "PREWARM"], stdin=pipe, stdout=pipe, stderr=pipe, text=True
+    )
+    return proc
 
 
 def drop_prewarmed() -> None:
@@ -453,15 +480,16 @@ def _prepare(archive: str, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_from_archive(
-    archive: str, meta: dict[str, Any], prewarmed: subprocess.Popen[str] | None = None
+    archive: str, meta: dict[str, Any], prewarmed: tuple[int, int, int, int] | None = None
 ) -> None:
     """The launcher's second half: unpack and put the unpacked tree on ``sys.path``.
 
     Called by the bundle's ``__main__.py`` (after
     :func:`pixicache.bundle.launch.prefer_unpacked`); the launcher then imports and runs
     the CLI from the unpacked files (this module included, with :func:`bundle_runtime` set). ``prewarmed``: the
-    py-rattler child the launcher started, kept for :func:`take_prewarmed` (and ended
-    at exit if nobody takes it). Exits the process itself only for an error or
+    py-rattler child the launcher started (its pid and the parent's ends of its stdin,
+    stdout and stderr pipes), kept for :func:`take_prewarmed` (and ended at exit if
+    nobody takes it). Exits the process itself only for an error or
     ``--bundle-info``.
     """
     try:
