@@ -397,6 +397,7 @@ def _repair(job: _Job, exc: InstallError, before: dict[str, tuple[int, int] | No
     for sha, why in store.verify(sorted(suspects), wait=_VERIFY_WAIT_S).bad:
         rep.note(f"node store blob {sha} was corrupt ({why}): quarantined and fetched again")
     if job.missing():
+        resume_collection()  # a download is the job's long part
         refetch = job.fetcher().fetch(job.artifacts)
         rep.record_fetch(refetch)
         if not refetch.ok:

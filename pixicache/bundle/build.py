@@ -214,7 +214,11 @@ if ("install" in _words or "run" in _words) and not (
         _pipes = [os.pipe() for _ in range(3)]
         _actions = [(os.POSIX_SPAWN_DUP2, _pipes[0][0], 0), (os.POSIX_SPAWN_DUP2, _pipes[1][1], 1),
                     (os.POSIX_SPAWN_DUP2, _pipes[2][1], 2)]
-        for _fd in [int(n) for n in os.listdir("/proc/self/fd")]:
+        try:
+            _open = [int(n) for n in os.listdir("/proc/self/fd")]
+        except OSError:
+            _open = []
+        for _fd in _open:
             try:
                 if _fd > 2 and os.get_inheritable(_fd):
                     _actions.append((os.POSIX_SPAWN_CLOSE, _fd))
