@@ -58,6 +58,16 @@ class InstallRequest:
     build_index_url: str | None = None
     meanwhile: Callable[[], None] | None = None
 
+    def make_package_cache(self) -> Path:
+        """Create the package cache (in the node store) if needed and return it, absolute;
+        one this user cannot create is a :class:`~pixicache.errors.StoreError` naming it."""
+        cache = Path(self.package_cache).absolute()
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self.store.os_error(exc, f"creating the package cache {cache}") from exc
+        return cache
+
     def channels(self) -> list[str]:
         """Every conda channel the environment's packages come from (the lock's
         channel list plus the channel of each artifact), in a stable order."""

@@ -166,10 +166,7 @@ class PixiInstaller:
                 f"{request.workspace}/.pixi/config.toml has a [mirrors] table, which Pixi "
                 "merges over pixicache's: packages may not come from the node store"
             )
-        try:
-            Path(request.package_cache).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise request.store.os_error(exc, "creating the package cache") from exc
+        request.make_package_cache()
         import shutil  # only when Pixi installs: not at every agent start (plugins load this)
         import tempfile
 

@@ -293,13 +293,8 @@ def _cache_holds(cache: Path, packages: list[Any]) -> bool:
     )
 
 
-def _make_dirs(request: InstallRequest, cache: Path, envs: Path) -> None:
-    """Create the package cache (in the node store) and the prefix's parent (in the
-    workspace), or say which of them this user cannot create."""
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise request.store.os_error(exc, f"creating the package cache {cache}") from exc
+def _make_envs_dir(envs: Path) -> None:
+    """Create the prefix's parent (in the workspace), or say that this user cannot."""
     try:
         envs.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -402,8 +397,8 @@ class RattlerInstaller:
         if not ok:
             raise InstallError(f"the rattler installer cannot run: {why}")
         _refuse_conda_sources(packages)
-        cache = Path(request.package_cache).absolute()
-        _make_dirs(request, cache, prefix.parent)
+        cache = request.make_package_cache()
+        _make_envs_dir(prefix.parent)
         payload = {
             "lock": str(Path(request.lock.path).absolute()),
             "environment": request.environment,
