@@ -481,7 +481,10 @@ def measure_herd(up: Server, log: Path, rel: str, sha: str, size: int, work: Pat
 
 def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any], work: Path, repeat: int) -> dict[str, list[float]]:
     """Warm servers: the big blob to 8 connections (GB/s, server cores) and the artifacts
-    to 8 connections (requests/s); pixicache x1, x2 and nginx x1, x2."""
+    to 8 connections (requests/s); pixicache x1, x2 and nginx x1, x2. Warm means: the
+    caches were filled, and then every server (the peers too) answered every artifact
+    once (a mirror that has run for a while has; pixicache's front path answers a
+    request without aiohttp from the second hit of it on)."""
     out: dict[str, list[float]] = {}
     servers: list[Server] = []
     try:
@@ -494,6 +497,11 @@ def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any],
             servers.append(px)
             servers.append(start_nginx_static(root, work, f"ng-hits{workers}", "127.0.0.1", workers))
         servers.append(start_aiohttp_floor(root, work))
+        for srv in servers:  # every server answers every artifact once before it is measured
+            at = [[it[0].replace("{base}", srv.url), it[1], it[2]] for it in [*items, big]]
+            r = run_clients(1, {"items": at, "threads": 4}, work, startup=0.3)
+            if r["failures"]:
+                raise RuntimeError(f"warming {srv.name}: {r['failures'][:3]}")
         for _rep in range(repeat):
             for srv in servers:
                 at = [[it[0].replace("{base}", srv.url), it[1], it[2]] for it in items]

@@ -108,6 +108,13 @@ def setup_logging(quiet: bool = False) -> None:
 )
 @click.option("--quiet", is_flag=True, help="Do not log one line per request.")
 @click.option(
+    "--no-fast-hits",
+    "no_fast_hits",
+    is_flag=True,
+    help="Answer every request through aiohttp's handler (default: repeated plain hits are "
+    "answered on a leaner front path, with the same answers).",
+)
+@click.option(
     "--agent",
     "agent_file",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -131,6 +138,7 @@ def serve_command(
     per_client: int | None,
     trusted_proxies: tuple[str, ...],
     quiet: bool,
+    no_fast_hits: bool,
     agent_file: Path | None,
 ) -> None:
     """Run a pull-through, content-addressed conda and PyPI mirror (node cache or site mirror).
@@ -168,6 +176,7 @@ def serve_command(
             per_client=per_client,
             trusted_proxies=list(trusted_proxies) or None,
             log_requests=False if quiet else None,
+            fast_hits=False if no_fast_hits else None,
             agent_file=agent_file.absolute() if agent_file else None,
         )
         if chosen_dir is not None:

@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hmac
 import ipaddress
 import logging
 import os
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
@@ -43,19 +41,20 @@ import aiohttp
 from aiohttp import web
 
 from pixicache import __version__
-from pixicache.httputil import http_date, parse_http_date, parse_range
+from pixicache.httputil import parse_http_date, parse_range
 from pixicache.model.artifact import CONDA_EXTENSIONS, Artifact, is_sha256
+from pixicache.serve.blobs import BlobFiles, KnownHits
 from pixicache.serve.config import ServeConfig
 from pixicache.serve.fill import USER_AGENT, Fill, FillFailed, FillManager
 from pixicache.serve.http import (
     IMMUTABLE,
     HTTPProblem,
     abort,
+    answer_file,
     client_address,
     cork,
     if_range_allows,
     is_trusted_proxy,
-    not_modified,
     parse_networks,
     send_region,
     split_path,
@@ -67,10 +66,8 @@ from pixicache.serve.records import ChannelRecords, Record
 from pixicache.serve.repodata import RepodataCache, is_metadata
 from pixicache.serve.trust import BlobTrust
 from pixicache.serve.upstreams import UpstreamMap
-from pixicache.serve.writer import lock_mode
 from pixicache.store import Store, hash_file
 from pixicache.store.files import NotRegular
-from pixicache.store.locking import FileLock, LockTimeout
 
 access_log = logging.getLogger("pixicache.serve.access")
 log = logging.getLogger("pixicache.serve")
@@ -85,6 +82,8 @@ TAIL_CHUNK = 1 << 20
 
 SMALL_BODY = 64 << 10
 """Bodies up to this size are read and sent with the headers in one write."""
+
+HIT_HEADERS = {"x-pixicache-cache": "hit"}
 
 
 class _Ctx:
@@ -131,7 +130,8 @@ class ServeApp:
         )
         self.pypi = PypiPages(self.repodata, self.upstreams)
         self.records = ChannelRecords(self.repodata, self._in_thread)
-        self._dirfds: dict[str, int] = {}  # fan-out directory -> an fd (see _open_blob)
+        self.blobs = BlobFiles(self.store)
+        self.known_hits = KnownHits()  # what the front path may answer (ready_hit)
         self._hits = self.metrics.cache.labels("hit")
         self._request_counters: dict[tuple[str, str, str], Any] = {}
         self.trust = BlobTrust(
@@ -252,6 +252,7 @@ class ServeApp:
                 limit,
             )
         self._url_index.clear()
+        self.known_hits.clear()
         await self._recount()
         return {
             "removed": report.removed,
@@ -265,20 +266,18 @@ class ServeApp:
         """Answer one request; logs one line and updates the metrics."""
         t0 = time.monotonic()
         ctx = _Ctx()
-        client = client_address(
-            request.remote, request.headers.get("X-Forwarded-For"), self._trusted_proxies
-        )
+        client = self.client_of(request.remote, request.headers.get("X-Forwarded-For"))
         status: int | str = 500
-        cap = self.config.per_client
         counted = False
         try:
-            if cap and self._per_client.get(client, 0) >= cap:
+            if not self.may_start(client):
                 self.metrics.refused.labels("per_client").inc()
                 resp: web.StreamResponse = _problem(
-                    429, f"more than {cap} concurrent requests from {client}", {"Retry-After": "1"}
+                    429,
+                    f"more than {self.config.per_client} concurrent requests from {client}",
+                    {"Retry-After": "1"},
                 )
             else:
-                self._per_client[client] = self._per_client.get(client, 0) + 1
                 counted = True
                 try:
                     resp = await self._dispatch(request, ctx)
@@ -296,30 +295,94 @@ class ServeApp:
             raise
         finally:
             if counted:
-                left = self._per_client[client] - 1
-                if left:
-                    self._per_client[client] = left
-                else:
-                    del self._per_client[client]
-            key = (request.method, ctx.route, str(status))
-            counter = self._request_counters.get(key)
-            if counter is None:
-                if len(self._request_counters) > 10_000:
-                    self._request_counters.clear()
-                counter = self._request_counters[key] = self.metrics.requests.labels(*key)
-            counter.inc()
-            self.metrics.bytes_served.inc(ctx.bytes)
-            if self.config.log_requests:
-                access_log.info(
-                    "%s %s %s %s %dB %.1fms %s",
-                    client,
-                    request.method,
-                    _printable(request.raw_path),
-                    status,
-                    ctx.bytes,
-                    (time.monotonic() - t0) * 1000,
-                    ctx.cache,
-                )
+                self.client_done(client)
+            self.account(
+                request.method, ctx.route, status, ctx.bytes, client, request.raw_path, t0, ctx.cache
+            )
+
+    def client_done(self, client: str) -> None:
+        """One request of ``client`` ended (the per-client cap's count)."""
+        left = self._per_client[client] - 1
+        if left:
+            self._per_client[client] = left
+        else:
+            del self._per_client[client]
+
+    def account(
+        self,
+        method: str,
+        route: str,
+        status: int | str,
+        nbytes: int,
+        client: str,
+        target: str,
+        started: float,
+        cache: str,
+    ) -> None:
+        """A request is answered: its metrics, and its access-log line (``started``: its
+        ``time.monotonic()``); the same for both paths (aiohttp's and the front's)."""
+        key = (method, route, str(status))
+        counter = self._request_counters.get(key)
+        if counter is None:
+            if len(self._request_counters) > 10_000:
+                self._request_counters.clear()
+            counter = self._request_counters[key] = self.metrics.requests.labels(*key)
+        counter.inc()
+        self.metrics.bytes_served.inc(nbytes)
+        if self.config.log_requests:
+            access_log.info(
+                "%s %s %s %s %dB %.1fms %s",
+                client,
+                method,
+                _printable(target),
+                status,
+                nbytes,
+                (time.monotonic() - started) * 1000,
+                cache,
+            )
+
+    def client_of(self, peer: str | None, forwarded_for: str | None) -> str:
+        """Who a request is from (the client behind a trusted proxy)."""
+        return client_address(peer, forwarded_for, self._trusted_proxies)
+
+    def may_start(self, client: str) -> bool:
+        """Count a request of ``client`` in, unless it has ``per_client`` running
+        (then False, and it is answered ``429``); see :meth:`client_done`."""
+        cap = self.config.per_client
+        running = self._per_client.get(client, 0)
+        if cap and running >= cap:
+            return False
+        self._per_client[client] = running + 1
+        return True
+
+    def ready_hit(
+        self, target: str, expected: str | None
+    ) -> tuple[str, str, int, os.stat_result] | None:
+        """The blob a plain GET or HEAD of ``target`` would be sent as a hit, when this
+        process can tell at once: ``(route, sha256, fd, fstat)``, the blob open.
+
+        Only for a target answered as a hit before (:class:`KnownHits`), whose
+        client digest (``x-expected-sha256``, if sent) is the blob's, whose upstream
+        URL (a channel path) the index still maps to the blob, and whose file is the
+        very one this process verified (:meth:`BlobTrust.known`). Anything else is
+        ``None``: the full handler decides (a fill, a hash first, a 4xx).
+        """
+        known = self.known_hits.get(target)
+        if known is None:
+            return None
+        sha = known.sha256
+        if expected is not None and expected.strip().lower() != sha:
+            return None
+        if known.url is not None and self._url_index.get(known.url) != sha:
+            return None
+        try:
+            fd, st = self.blobs.open(sha)
+        except OSError:
+            return None
+        if not self.trust.known(sha, st):
+            os.close(fd)
+            return None
+        return known.route, sha, fd, st
 
     async def _dispatch(self, request: web.BaseRequest, ctx: _Ctx) -> web.StreamResponse:
         segments, query = split_path(request.raw_path, self.config.max_path)
@@ -567,7 +630,7 @@ class ServeApp:
         """Send a committed blob (``None``: it vanished meanwhile (evicted), or it is not
         the digest's bytes any more, or something else stands at its path: a miss)."""
         try:
-            fd, st = self._open_blob(sha)
+            fd, st = self.blobs.open(sha)
         except (FileNotFoundError, NotADirectoryError):
             self._url_index.pop(url or "", None)
             return None
@@ -581,23 +644,21 @@ class ServeApp:
             os.close(fd)
             self._url_index.pop(url or "", None)
             return None
-        pin = None
-        if st.st_size > SMALL_BODY:  # a long send: gc skips pinned blobs (a small one is read at once)
-            pin = FileLock(
-                self.store.lock_dir / f"{sha}.lock", shared=True, timeout=0, mode=lock_mode(self.store)
-            )
-            with contextlib.suppress(LockTimeout, OSError):
-                pin.acquire()  # if gc holds the lock now, the open fd still reads
+        # a long send: gc skips pinned blobs (a small one is read at once)
+        pinned = st.st_size > SMALL_BODY
+        if pinned:
+            self.blobs.pin(sha)
         try:
             with os.fdopen(fd, "rb", buffering=0) as fobj:
                 ctx.cache = "hit"
-                self._hits.inc()
-                # last use, for LRU eviction. Never the URL: a client's x-expected-sha256
-                # must not teach the index what a URL holds (only verified fills do)
-                self._touches[sha] = (st.st_size, None)
+                self.touched(sha, st.st_size)
                 if warm:
                     return web.Response(
                         status=204, headers={"ETag": f'"{sha}"', "x-pixicache-cache": "hit"}
+                    )
+                if ctx.route in ("artifact", "sha256"):  # the front path may answer it now
+                    self.known_hits.learn(
+                        request.raw_path, ctx.route, sha, url if ctx.route == "artifact" else None
                     )
                 return await self._send_file(
                     request,
@@ -607,47 +668,18 @@ class ServeApp:
                     st.st_mtime,
                     etag=f'"{sha}"',
                     cache_control=IMMUTABLE,
-                    extra={"x-pixicache-cache": "hit"},
+                    extra=HIT_HEADERS,
                 )
         finally:
-            if pin is not None:
-                pin.release()
+            if pinned:
+                self.blobs.unpin(sha)
 
-    def _open_blob(self, sha: str) -> tuple[int, os.stat_result]:
-        """Open a blob for reading, never through a link: relative to its fan-out
-        directory, opened (once per process, without following a link) and kept; a
-        stale one (the directory was replaced) is opened afresh once. Returns the fd
-        and its ``fstat``."""
-        sub = self.store.fanout(sha)  # a digest, so a safe name relative to it
-        for attempt in (0, 1):
-            dfd = self._dirfds.get(sub)
-            if dfd is None:
-                try:
-                    dfd = os.open(
-                        self.store.blob_dir / sub,
-                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    )
-                except OSError as exc:
-                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise NotRegular(self.store.blob_dir / sub, "a link, not a directory") from None
-                    raise
-                self._dirfds[sub] = dfd
-            try:
-                fd = os.open(sha, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                break
-            except FileNotFoundError:
-                if attempt:
-                    raise
-                os.close(self._dirfds.pop(sub))
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise NotRegular(self.store.path_for(sha), "a symbolic link") from None
-                raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise NotRegular(self.store.path_for(sha), "not a regular file")
-        return fd, st
+    def touched(self, sha: str, size: int) -> None:
+        """A hit of ``sha`` is sent: counted, and its last use noted for LRU eviction
+        (never its URL: a client's x-expected-sha256 must not teach the index what a URL
+        holds; only verified fills do)."""
+        self._hits.inc()
+        self._touches[sha] = (size, None)
 
     async def _send_file(
         self,
@@ -663,27 +695,12 @@ class ServeApp:
         extra: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         """A file with validators, conditional GET, a single Range, HEAD; body by sendfile."""
-        last_modified = http_date(mtime)
-        headers = {
-            "Accept-Ranges": "bytes",
-            "Cache-Control": cache_control,
-            "Last-Modified": last_modified,
-        }
-        if etag:
-            headers["ETag"] = etag
-        headers.update(extra or {})
-        if not_modified(request.headers, etag, mtime):
-            return web.Response(status=304, headers=headers)
-        headers["Content-Type"] = content_type
-        status, start, length = 200, 0, size
-        if request.headers.get("Range") and if_range_allows(request.headers, etag, last_modified):
-            span = parse_range(request.headers["Range"], size)
-            if span == "unsatisfiable":
-                headers["Content-Range"] = f"bytes */{size}"
-                return web.Response(status=416, headers=headers)
-            if isinstance(span, tuple):
-                status, start, length = 206, span[0], span[1] - span[0] + 1
-                headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+        status, headers, start, length = answer_file(
+            request.headers, size, mtime, etag=etag, cache_control=cache_control,
+            content_type=content_type, extra=extra,
+        )  # fmt: skip
+        if status in (304, 416):
+            return web.Response(status=status, headers=headers)
         if length <= SMALL_BODY and request.method != "HEAD":
             # small: headers and body in one write, no sendfile round trip
             body = os.pread(fobj.fileno(), length, start)

@@ -13,6 +13,7 @@ level)::
     repodata_ttl = 60          # seconds repodata is served without revalidation
     max_connections = 2048
     per_client = 64            # concurrent requests per client address (0: no cap)
+    fast_hits = true           # repeated hits answered without aiohttp (false: all through it)
     trusted_proxies = ["10.1.2.3", "192.168.7.0/24"]   # squid/nginx in front: cap per X-Forwarded-For
     token_file = "/etc/pixicache/token"   # or token = "..."
 
@@ -197,6 +198,9 @@ class ServeConfig:
         max_path: longest request target accepted (longer: 414).
         max_header_size: longest request header line accepted (longer: 400).
         log_requests: log one line per request on ``pixicache.serve.access``.
+        fast_hits: answer repeated plain hits on the front path, without aiohttp
+            (:mod:`pixicache.serve.front`; the same answers, less CPU per request);
+            off: every request goes through aiohttp's handler.
         agent_file: a single-file agent (``pixicache bundle``) served at
             ``/agent/<its file name>``, where ``bootstrap.sh`` fetches it from.
         trust_env: honour ``HTTP(S)_PROXY``/``NO_PROXY`` for upstream requests.
@@ -224,6 +228,7 @@ class ServeConfig:
     max_path: int = 1024
     max_header_size: int = 8190
     log_requests: bool = True
+    fast_hits: bool = True
     trust_env: bool = True
     agent_file: Path | None = None
 
@@ -335,6 +340,7 @@ def settings_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             "token_file",
             "upstreams",
             "log_requests",
+            "fast_hits",
             "trust_env",
             "trusted_proxies",
             "only_upstreams",
@@ -355,7 +361,7 @@ def settings_from_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     for key in ("host", "token"):
         if key in table:
             out[key] = str(table[key])
-    for key in ("log_requests", "trust_env", "only_upstreams"):
+    for key in ("log_requests", "fast_hits", "trust_env", "only_upstreams"):
         if key in table:
             out[key] = bool(table[key])
     if "cache_dir" in table:

@@ -6,11 +6,15 @@
   aiohttp's ``request.path`` is already normalised and would hide ``..``.
 * Range and dates are read by :mod:`pixicache.httputil` (multi-range requests
   are answered with the whole body, which RFC 9110 allows).
-* :func:`not_modified` / :func:`if_range_allows` evaluate the validators.
-* :func:`send_region` sends part of a file by zero-copy ``sendfile(2)``: what the
-  socket takes at once, then from one writer callback driven by writability (or
-  ``loop.sendfile`` in chunks, for TLS), with a send timeout, so a client that stops
-  reading is dropped instead of holding a connection forever.
+* :func:`not_modified` / :func:`if_range_allows` evaluate the validators, and
+  :func:`answer_file` decides a stored file's answer (200, 206, 304, 416, its
+  headers and byte span) for both of the server's paths: aiohttp's handler and the
+  front path (:mod:`pixicache.serve.front`).
+* :class:`RegionSender` sends part of a file by zero-copy ``sendfile(2)``: what the
+  socket takes at once, then from one writer callback driven by writability, with a
+  send timeout, so a client that stops reading is dropped instead of holding a
+  connection forever. :func:`send_region` uses it on an aiohttp connection (or
+  ``loop.sendfile`` in chunks, for TLS).
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from typing import IO, Any, Union
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import IO, Any, NamedTuple, Union
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from pixicache.httputil import parse_http_date
+from pixicache.httputil import http_date, parse_http_date, parse_range
 
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9_.+\-!~=,@]+$")
 """What one decoded path segment may hold (conda file names, versions, hex digests)."""
@@ -129,6 +133,61 @@ def if_range_allows(
     return last_modified is not None and value == last_modified
 
 
+class FileAnswer(NamedTuple):
+    """How a stored file answers one GET or HEAD: the status, the response headers
+    (without ``Content-Length``, which the sender adds), and the body's span."""
+
+    status: int
+    headers: dict[str, str]
+    start: int
+    length: int
+
+
+def answer_file(
+    request_headers: Mapping[str, str],
+    size: int,
+    mtime: float,
+    *,
+    etag: str | None,
+    cache_control: str,
+    content_type: str = "application/octet-stream",
+    extra: Mapping[str, str] | None = None,
+) -> FileAnswer:
+    """The answer of a file of ``size`` bytes last modified at ``mtime``: validators
+    (``304``), a single ``Range`` (``206``, or ``416`` with ``bytes */size``; several
+    ranges get the whole body, as RFC 9110 allows), else ``200``. ``request_headers``
+    is looked up case-insensitively by the caller's mapping (aiohttp's headers, or
+    :class:`multidict.CIMultiDict`). A ``304`` and a ``416`` have no body (length 0).
+
+    >>> answer_file({"Range": "bytes=2-"}, 10, 0.0, etag='"x"', cache_control="c")[::2]
+    (206, 2)
+    """
+    last_modified = http_date(mtime)
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Cache-Control": cache_control,
+        "Last-Modified": last_modified,
+    }
+    if etag:
+        headers["ETag"] = etag
+    if extra:
+        headers.update(extra)
+    if not_modified(request_headers, etag, mtime):
+        return FileAnswer(304, headers, 0, 0)
+    headers["Content-Type"] = content_type
+    status, start, length = 200, 0, size
+    wanted = request_headers.get("Range")
+    if wanted and if_range_allows(request_headers, etag, last_modified):
+        span = parse_range(wanted, size)
+        if span == "unsatisfiable":
+            headers["Content-Range"] = f"bytes */{size}"
+            return FileAnswer(416, headers, 0, 0)
+        if isinstance(span, tuple):
+            status, start, length = 206, span[0], span[1] - span[0] + 1
+            headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
+    return FileAnswer(status, headers, start, length)
+
+
 def cork(request: web.BaseRequest, on: bool) -> None:
     """``TCP_CORK`` on or off (Linux; like nginx's ``tcp_nopush``): with it on, the
     headers and the first ``sendfile`` bytes leave in full segments, not as a
@@ -198,16 +257,15 @@ async def send_region(
 ) -> int:
     """Send ``count`` bytes of ``fobj`` from ``offset`` on the request's connection.
 
-    The response must be prepared (headers sent). Uses ``loop.sendfile``
-    (``sendfile(2)``, zero-copy) in :data:`SEND_CHUNK` pieces; a piece the
-    client does not accept within ``timeout`` seconds aborts the connection.
-    Returns the bytes sent; raises :class:`ConnectionResetError` if the client
-    went away.
+    The response must be prepared (headers sent). Sends by zero-copy ``sendfile(2)``
+    (:func:`_send_when_writable`), or where that cannot be used (TLS, an event loop
+    without selector writers) by ``loop.sendfile`` in :data:`SEND_CHUNK` pieces; a
+    client that accepts nothing for ``timeout`` seconds is dropped (the connection
+    aborted). Returns the bytes sent; raises :class:`ConnectionResetError` if the
+    client went away.
     """
     loop = asyncio.get_running_loop()
-    sent = _send_now(request, fobj, offset, count)
-    if sent < count:
-        sent += await _send_when_writable(request, fobj, offset + sent, count - sent, timeout)
+    sent = await _send_when_writable(request, fobj, offset, count, timeout)
     while sent < count:
         transport = request.transport
         if transport is None or transport.is_closing():
@@ -225,46 +283,124 @@ async def send_region(
     return sent
 
 
-def _send_now(request: web.BaseRequest, fobj: IO[bytes], offset: int, count: int) -> int:
-    """What the socket takes of the region right now, by ``sendfile(2)`` straight away.
+def selector_writers(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` lets :class:`RegionSender` watch a socket for writability (the
+    selector event loops do; others, such as uvloop's, do not)."""
+    return hasattr(loop, "_add_writer") and hasattr(loop, "_remove_writer")
 
-    ``loop.sendfile`` returns to the event loop after every ``sendfile`` call (a writer
-    added and removed each time) and pauses and resumes reading around it: for a body
-    that fits the socket's send buffer, most of a hit's cost. With nothing queued in
-    the transport (the headers are out), the socket is the connection's end and
-    writing to it directly keeps the order; what it does not take now is left to
-    ``loop.sendfile``.
+
+class RegionSender:
+    """Sends ``count`` bytes of the file ``file_fd`` from ``offset`` on the non-blocking
+    socket ``sock_fd`` by ``sendfile(2)``: what the socket takes at once, then the rest
+    from one writer callback, as the socket becomes writable. A client that accepts
+    nothing for ``timeout`` seconds is given up. ``done(sent, error)`` is called exactly
+    once, unless :meth:`cancel` came first; ``error`` is a
+    :class:`ConnectionResetError` (the client went away or stalled, or the file became
+    shorter) or ``None``.
+
+    The socket must be the connection's end: nothing queued in its transport, and
+    the transport must not close it while this sends (an EOF from the client is the
+    caller's to hold). Needs :func:`selector_writers`.
     """
-    transport = request.transport
-    if transport is None or transport.is_closing() or transport.get_write_buffer_size():
-        return 0
-    sock = transport.get_extra_info("socket")
-    if sock is None or transport.get_extra_info("sslcontext") is not None:
-        return 0  # TLS (a front-end's job today) must go through its transport
-    sent = 0
-    while sent < count:
+
+    __slots__ = ("_add", "_done", "_file_fd", "_last", "_loop", "_remove", "_sock_fd",
+                 "_timeout", "_timer", "_watching", "count", "offset", "sent")  # fmt: skip
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock_fd: int,
+        file_fd: int,
+        offset: int,
+        count: int,
+        timeout: float,
+        done: Callable[[int, ConnectionResetError | None], None],
+    ) -> None:
+        self._loop = loop
+        # the selector loop's own, minus its "used by a transport" check
+        self._add = loop._add_writer  # type: ignore[attr-defined]
+        self._remove = loop._remove_writer  # type: ignore[attr-defined]
+        self._sock_fd, self._file_fd = sock_fd, file_fd
+        self.offset, self.count, self.sent = offset, count, 0
+        self._timeout = timeout
+        self._done: Callable[[int, ConnectionResetError | None], None] | None = done
+        self._watching = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last = 0.0
+
+    def start(self) -> None:
+        """Send what the socket takes now; watch it for the rest."""
+        if self._pump():
+            return
+        self._last = self._loop.time()
+        self._add(self._sock_fd, self._writable)
+        self._watching = True
+        self._timer = self._loop.call_at(self._last + self._timeout, self._watchdog)
+
+    def cancel(self) -> None:
+        """Stop sending; ``done`` is not called."""
+        self._done = None
+        self._stop()
+
+    def _pump(self) -> bool:
+        """sendfile until the region is out or the socket is full; True when finished."""
         try:
-            n = os.sendfile(sock.fileno(), fobj.fileno(), offset + sent, count - sent)
+            while self.sent < self.count:
+                n = os.sendfile(
+                    self._sock_fd, self._file_fd, self.offset + self.sent, self.count - self.sent
+                )
+                if n == 0:  # the file is shorter than it was
+                    self._finish(ConnectionResetError("the file changed while being sent"))
+                    return True
+                self.sent += n
         except (BlockingIOError, InterruptedError):
-            break
+            return False
         except OSError as exc:
-            abort(request)
-            raise ConnectionResetError(str(exc)) from exc
-        if n == 0:  # the file is shorter than it was: loop.sendfile says so
-            break
-        sent += n
-    return sent
+            self._finish(ConnectionResetError(str(exc)))
+            return True
+        self._finish(None)
+        return True
+
+    def _writable(self) -> None:
+        if self._done is None:
+            return
+        before = self.sent
+        if not self._pump() and self.sent != before:
+            self._last = self._loop.time()
+
+    def _watchdog(self) -> None:
+        self._timer = None
+        if self._done is None:
+            return
+        idle = self._loop.time() - self._last
+        if idle >= self._timeout:
+            self._finish(ConnectionResetError(f"client accepted no data for {self._timeout:g} s"))
+        else:
+            self._timer = self._loop.call_later(self._timeout - idle, self._watchdog)
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._watching:
+            self._watching = False
+            self._remove(self._sock_fd)
+
+    def _finish(self, error: ConnectionResetError | None) -> None:
+        self._stop()
+        done, self._done = self._done, None
+        if done is not None:
+            done(self.sent, error)
 
 
 async def _send_when_writable(
     request: web.BaseRequest, fobj: IO[bytes], offset: int, count: int, timeout: float
 ) -> int:
-    """The rest of a region by ``sendfile(2)`` from one writer callback: what
-    ``loop.sendfile`` does per call (pause reading, register the socket for
-    writability, a timeout per chunk, unregister, resume reading), once for the whole
-    region, with one watchdog that drops a client that accepts nothing for
-    ``timeout`` seconds. Returns the bytes sent (``0``: not possible here, e.g. TLS or
-    an event loop without selector writers: the caller sends them another way).
+    """A region on an aiohttp connection by :class:`RegionSender`: what ``loop.sendfile``
+    does per call (pause reading, register the socket for writability, a timeout per
+    chunk, unregister, resume reading), once for the whole region. Returns the bytes
+    sent (``0``: not possible here, e.g. TLS, bytes queued in the transport, or an event
+    loop without selector writers: the caller sends them another way).
 
     Raises:
         ConnectionResetError: the client went away or stopped reading (the
@@ -272,11 +408,8 @@ async def _send_when_writable(
     """
     loop = asyncio.get_running_loop()
     transport = request.transport
-    add = getattr(loop, "_add_writer", None)  # the selector loop's, minus the "used by a transport" check
-    remove = getattr(loop, "_remove_writer", None)
     if (
-        add is None
-        or remove is None
+        not selector_writers(loop)
         or transport is None
         or transport.is_closing()
         or transport.get_write_buffer_size()
@@ -286,58 +419,29 @@ async def _send_when_writable(
     sock = transport.get_extra_info("socket")
     if sock is None:
         return 0
-    out_fd, in_fd = sock.fileno(), fobj.fileno()
-    done: asyncio.Future[None] = loop.create_future()
-    sent = 0
-    last = loop.time()  # when the client last took some
-    timer: asyncio.TimerHandle | None = None
+    done: asyncio.Future[int] = loop.create_future()
 
-    def writable() -> None:
-        nonlocal sent, last
-        if done.done():
-            return
-        try:
-            while sent < count:
-                n = os.sendfile(out_fd, in_fd, offset + sent, count - sent)
-                if n == 0:  # the file is shorter than it was
-                    done.set_exception(ConnectionResetError("the file changed while being sent"))
-                    return
-                sent += n
-                last = loop.time()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            done.set_exception(ConnectionResetError(str(exc)))
-            return
-        done.set_result(None)
+    def finished(sent: int, error: ConnectionResetError | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(sent)
+            else:
+                done.set_exception(error)
 
-    def watchdog() -> None:
-        nonlocal timer
-        if done.done():
-            return
-        idle = loop.time() - last
-        if idle >= timeout:
-            done.set_exception(ConnectionResetError(f"client accepted no data for {timeout:g} s"))
-        else:
-            timer = loop.call_later(timeout - idle, watchdog)
-
+    sender = RegionSender(loop, sock.fileno(), fobj.fileno(), offset, count, timeout, finished)
     reading = transport.is_reading()
     if reading:
         transport.pause_reading()  # an EOF must not close the socket under the writer
-    add(out_fd, writable)
-    timer = loop.call_later(timeout, watchdog)
     try:
-        await done
+        sender.start()
+        return await done
     except ConnectionResetError:
         abort(request)
         raise
     finally:
-        if timer is not None:
-            timer.cancel()
-        remove(out_fd)
+        sender.cancel()
         if reading and not transport.is_closing():
             transport.resume_reading()
-    return sent
 
 
 if sys.version_info >= (3, 11):

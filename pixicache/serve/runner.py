@@ -34,22 +34,13 @@ from aiohttp.web_protocol import RequestHandler
 from pixicache.errors import PixicacheError
 from pixicache.serve.app import ServeApp
 from pixicache.serve.config import ServeConfig
+from pixicache.serve.front import FrontDoor, FrontProtocol
 from pixicache.serve.metrics import Metrics
 from pixicache.store import Store
 
 access_log = logging.getLogger("pixicache.serve.access")
 
 log = logging.getLogger("pixicache.serve")
-
-_BUSY_BODY = b"too many connections; retry later\n"
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: text/plain\r\n"
-    b"Retry-After: 1\r\n"
-    b"Connection: close\r\n"
-    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
-)
-
 
 class _QuietHandler(RequestHandler):
     """aiohttp's connection handler, answering a request its parser rejects with a short
@@ -79,33 +70,41 @@ class _QuietHandler(RequestHandler):
 
 
 class _LimitedServer(web.Server):
-    """aiohttp's low-level server with a bound on open connections."""
+    """aiohttp's low-level server behind the front path (:mod:`pixicache.serve.front`):
+    the listening socket's protocol factory is the :class:`FrontDoor`, which counts
+    every connection against ``max_connections`` and hands connections to
+    :meth:`handler` (aiohttp's, with the quiet 400s)."""
 
-    def __init__(
-        self, handler: Any, *, max_connections: int, metrics: Metrics, **kwargs: Any
-    ) -> None:
+    def __init__(self, handler: Any, *, app: ServeApp, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        self.max_connections = max_connections
-        self._metrics = metrics
+        self._metrics = app.metrics
+        self.front = FrontDoor(
+            app, self.handler, lambda: len(self._connections), enabled=app.config.fast_hits
+        )
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> FrontProtocol:  # type: ignore[override]
+        return self.front()
+
+    def handler(self) -> RequestHandler:
+        """aiohttp's handler for a connection the front path hands over."""
         proto = _QuietHandler(self, loop=self._loop, **self._kwargs)
         proto.metrics = self._metrics
         return proto
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
-        n = len(self.connections)
-        if n > self.max_connections:
-            self._metrics.refused.labels("connections").inc()
-            transport.write(_BUSY)
-            # closed on the next loop turn: aiohttp's handler must start before it sees the loss
-            asyncio.get_running_loop().call_soon(transport.close)
-        self._metrics.connections.set(n)
+        self.front.update_gauge()
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
-        self._metrics.connections.set(len(self.connections))
+        self.front.update_gauge()
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        self.front.close_idle()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await asyncio.gather(super().shutdown(timeout), self.front.shutdown(timeout))
 
 
 def _url_host(host: str) -> str:
@@ -122,6 +121,7 @@ class ServeServer:
     def __init__(self, config: ServeConfig, store: Store | None = None) -> None:
         self.config = config
         self.app = ServeApp(config, store)
+        self.front: FrontDoor | None = None
         self._runner: web.ServerRunner | None = None
         self.port = 0
         self.url = ""
@@ -132,14 +132,14 @@ class ServeServer:
         await self.app.startup()
         server = _LimitedServer(
             self.app.handle,
-            max_connections=cfg.max_connections,
-            metrics=self.app.metrics,
+            app=self.app,
             keepalive_timeout=cfg.header_timeout,
             max_field_size=cfg.max_header_size,
             max_headers=100,
             access_log=None,
             handler_cancellation=False,
         )
+        self.front = server.front
         self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_timeout)
         await self._runner.setup()
         site = web.TCPSite(
@@ -172,6 +172,8 @@ class ServeHandle:
         url: ``http://127.0.0.1:PORT``.
         port: the bound port.
         app: the :class:`~pixicache.serve.app.ServeApp` (metrics, store, fills).
+        front: the :class:`~pixicache.serve.front.FrontDoor` (``answered``,
+            ``handed_off``).
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class ServeHandle:
         self.url = server.url
         self.port = server.port
         self.app = server.app
+        self.front = server.front
         self.config = server.config
 
     def call(self, coro: Any, timeout: float | None = 60) -> Any:

@@ -61,6 +61,11 @@ class BlobTrust:
         self._max = max_known
         self._uid = os.getuid()
 
+    def known(self, sha: str, st: os.stat_result) -> bool:
+        """Whether the file whose ``fstat`` is ``st`` is the one this process verified as
+        ``sha`` (no I/O: the front path's check; anything else goes to :meth:`sendable`)."""
+        return self._known.get(sha) == file_identity(st)
+
     async def sendable(self, sha: str, fd: int, st: os.stat_result | None = None) -> bool:
         """True if the open blob ``fd`` (whose ``fstat`` is ``st``, if the caller has it)
         may be sent as ``sha``; False: it was bad (and is quarantined now)."""

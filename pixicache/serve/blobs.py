@@ -1,0 +1,140 @@
+"""Committed blobs as the server sends them, and the requests known to be plain hits.
+
+* :class:`BlobFiles` opens a blob for sending, never through a link (relative to its
+  fan-out directory, itself opened without following one), and pins a blob against
+  eviction while a long body is sent (a shared ``flock`` on its lock file, which
+  ``gc`` must take exclusively; one per blob and process, counted).
+* :class:`KnownHits` remembers which request targets this process answered as hits,
+  and with which blob, so that the front path (:mod:`pixicache.serve.front`) can
+  answer them again without aiohttp. It only remembers: whether a target is still a
+  hit is checked at every request (:meth:`pixicache.serve.app.ServeApp.ready_hit`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from typing import NamedTuple
+
+from pixicache.serve.writer import lock_mode
+from pixicache.store import Store
+from pixicache.store.files import NotRegular
+from pixicache.store.locking import FileLock, LockTimeout
+
+__all__ = ["BlobFiles", "KnownHit", "KnownHits"]
+
+
+class BlobFiles:
+    """Opens and pins the blobs of ``store`` (one per server process)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._dirfds: dict[str, int] = {}  # fan-out directory -> an fd (see open)
+        self._pins: dict[str, tuple[FileLock | None, int]] = {}
+
+    def open(self, sha: str) -> tuple[int, os.stat_result]:
+        """Open a blob for reading, never through a link: relative to its fan-out
+        directory, opened (once per process, without following a link) and kept; a
+        stale one (the directory was replaced) is opened afresh once. Returns the fd
+        and its ``fstat``.
+
+        Raises:
+            FileNotFoundError, NotADirectoryError: no such blob (evicted, never there).
+            NotRegular: a link or special file stands at the blob's or directory's path.
+            OSError: anything else the open or ``fstat`` met.
+        """
+        sub = self.store.fanout(sha)  # a digest, so a safe name relative to it
+        for attempt in (0, 1):
+            dfd = self._dirfds.get(sub)
+            if dfd is None:
+                try:
+                    dfd = os.open(
+                        self.store.blob_dir / sub,
+                        os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    )
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise NotRegular(self.store.blob_dir / sub, "a link, not a directory") from None
+                    raise
+                self._dirfds[sub] = dfd
+            try:
+                fd = os.open(sha, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                break
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                os.close(self._dirfds.pop(sub))
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise NotRegular(self.store.path_for(sha), "a symbolic link") from None
+                raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise NotRegular(self.store.path_for(sha), "not a regular file")
+        return fd, st
+
+    def pin(self, sha: str) -> None:
+        """Keep ``gc`` from evicting ``sha`` until as many :meth:`unpin` calls: a shared
+        lock on its lock file, taken without waiting. If it cannot be taken (``gc``
+        holds it right now, or the lock file cannot be opened) the blob is not pinned,
+        and an open fd still reads the bytes of a removed file."""
+        held = self._pins.get(sha)
+        if held is not None:
+            self._pins[sha] = (held[0], held[1] + 1)
+            return
+        lock: FileLock | None = FileLock(
+            self.store.lock_dir / f"{sha}.lock", shared=True, timeout=0, mode=lock_mode(self.store)
+        )
+        try:
+            lock.acquire()  # type: ignore[union-attr]
+        except (LockTimeout, OSError):
+            lock = None
+        self._pins[sha] = (lock, 1)
+
+    def unpin(self, sha: str) -> None:
+        """Undo one :meth:`pin` of ``sha``."""
+        held = self._pins.get(sha)
+        if held is None:
+            return
+        if held[1] > 1:
+            self._pins[sha] = (held[0], held[1] - 1)
+            return
+        del self._pins[sha]
+        if held[0] is not None:
+            with contextlib.suppress(OSError):
+                held[0].release()
+
+
+class KnownHit(NamedTuple):
+    """A request target answered as a hit: its route (for the metrics), the blob, and
+    for a channel path the upstream URL whose index entry must still name the blob."""
+
+    route: str
+    sha256: str
+    url: str | None
+
+
+class KnownHits:
+    """Request targets (path and query, as sent) answered as hits, at most ``limit``
+    (then forgotten all at once and learned again)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._targets: dict[str, KnownHit] = {}
+        self._limit = limit
+
+    def learn(self, target: str, route: str, sha: str, url: str | None) -> None:
+        if target not in self._targets and len(self._targets) >= self._limit:
+            self._targets.clear()
+        self._targets[target] = KnownHit(route, sha, url)
+
+    def get(self, target: str) -> KnownHit | None:
+        return self._targets.get(target)
+
+    def clear(self) -> None:
+        self._targets.clear()
+
+    def __len__(self) -> int:
+        return len(self._targets)
