@@ -160,6 +160,16 @@ def _may_become_plain(buf: bytes, max_size: int) -> bool:
     return _LINE_SO_FAR.fullmatch(buf, max(last, 0)) is not None
 
 
+def _top(status: int, headers: dict[str, str], length: int | None) -> bytes:
+    """The status line and headers of an answer, up to (without) ``Date``."""
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    lines.append("")
+    return "\r\n".join(lines).encode("ascii")
+
+
 def _wants_close(fields: _Fields) -> bool:
     conn = fields.get("connection")
     return conn is not None and "close" in conn.lower()
@@ -201,7 +211,8 @@ class FrontDoor:
         self.closing = False
         self._all_gone: asyncio.Future[None] | None = None
         self._date_at = -1
-        self._date = ""
+        self._tails = (b"", b"")
+        self._whole: dict[str, tuple[tuple[int, int], bytes]] = {}
         from aiohttp.http import SERVER_SOFTWARE
 
         self.server_software = SERVER_SOFTWARE
@@ -216,13 +227,31 @@ class FrontDoor:
     def update_gauge(self) -> None:
         self.metrics.connections.set(self.count())
 
-    def date(self) -> str:
-        """The ``Date`` header's value, made once a second."""
+    def tail(self, close: bool) -> bytes:
+        """The end of an answer's head: ``Date`` (made once a second), ``Server``, and
+        ``Connection: close`` when the connection ends after it."""
         now = int(time.time())
         if now != self._date_at:
             self._date_at = now
-            self._date = formatdate(now, usegmt=True)
-        return self._date
+            common = f"Date: {formatdate(now, usegmt=True)}\r\nServer: {self.server_software}\r\n"
+            self._tails = (common + "\r\n").encode("ascii"), (common + "Connection: close\r\n\r\n").encode("ascii")
+        return self._tails[close]
+
+    def whole(self, sha: str, st: os.stat_result) -> bytes:
+        """The head (up to ``Date``) of a ``200`` with the whole blob ``sha`` whose
+        ``fstat`` is ``st``: :func:`answer_file`'s, made once per blob and kept."""
+        key = (st.st_size, st.st_mtime_ns)
+        known = self._whole.get(sha)
+        if known is not None and known[0] == key:
+            return known[1]
+        status, headers, _, length = answer_file(
+            {}, st.st_size, st.st_mtime, etag=f'"{sha}"', cache_control=IMMUTABLE, extra=_HIT
+        )
+        top = _top(status, headers, length)
+        if len(self._whole) >= 10_000:
+            self._whole.clear()
+        self._whole[sha] = (key, top)
+        return top
 
     def gone(self, proto: FrontProtocol) -> None:
         """``proto`` no longer holds its connection (closed or handed off)."""
@@ -402,14 +431,19 @@ class FrontProtocol(asyncio.Protocol):
             return False
         door.answered += 1
         started = time.monotonic()
-        status, headers, start, length = answer_file(
-            fields, st.st_size, st.st_mtime, etag=f'"{sha}"', cache_control=IMMUTABLE, extra=_HIT
-        )
+        if "range" in fields or "if-none-match" in fields or "if-modified-since" in fields:
+            status, headers, start, length = answer_file(
+                fields, st.st_size, st.st_mtime, etag=f'"{sha}"', cache_control=IMMUTABLE, extra=_HIT
+            )
+            # no Content-Length on a 304, nor on a HEAD's 416 (as aiohttp answers them)
+            no_length = status == 304 or (status == 416 and method == "HEAD")
+            top = _top(status, headers, None if no_length else length)
+        else:  # the usual answer: 200, the whole blob
+            status, start, length = 200, 0, st.st_size
+            top = door.whole(sha, st)
         close = _wants_close(fields) or door.closing
         body = length if (method == "GET" and status in (200, 206)) else 0
-        # no Content-Length on a 304, nor on a HEAD's 416 (as aiohttp answers them)
-        no_length = status == 304 or (status == 416 and method == "HEAD")
-        head = self._head(status, headers, None if no_length else length, close)
+        head = top + door.tail(close)
         self._buf = self._buf[end:]
         app.touched(sha, st.st_size)
         if not body:
@@ -442,18 +476,6 @@ class FrontProtocol(asyncio.Protocol):
             return True
         self._transport.write(head[n:])
         return not self._paused
-
-    def _head(self, status: int, headers: dict[str, str], length: int | None, close: bool) -> bytes:
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        if length is not None:
-            lines.append(f"Content-Length: {length}")
-        lines.append(f"Date: {self._door.date()}")
-        lines.append(f"Server: {self._door.server_software}")
-        if close:
-            lines.append("Connection: close")
-        lines.append("\r\n")
-        return "\r\n".join(lines).encode("ascii")
 
     def _answered(self, close: bool) -> None:
         """An answer is complete (written, or handed to the transport)."""
