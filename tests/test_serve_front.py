@@ -438,3 +438,22 @@ def test_the_doctests_of_the_front_path_and_the_http_helpers_hold() -> None:
 
     for module in (front, http):
         assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_a_head_that_trickles_in_goes_to_aiohttp_and_is_answered(twins, upstream_root):
+    """Byte by byte: the front path hands the connection over (aiohttp reads a head
+    incrementally) and the request is answered all the same."""
+    _slow, fast = twins
+    handed = fast.front.handed_off
+    req = request("GET", f"/{SMALL}", f"x-expected-sha256: {sha_of(upstream_root, SMALL)}")
+    with socket.create_connection(("127.0.0.1", fast.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(req)):
+            sock.sendall(req[i : i + 1])
+            time.sleep(0.002)
+        out = bytearray()
+        while chunk := sock.recv(1 << 20):
+            out += chunk
+    (status, _, body), = parse_responses(bytes(out), ["GET"])
+    assert status == 200 and body == (upstream_root / SMALL).read_bytes()
+    assert fast.front.handed_off == handed + 1

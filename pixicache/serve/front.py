@@ -31,7 +31,8 @@ in one write, larger ones by ``sendfile(2)`` from a writer callback
 The limits of the aiohttp path hold here too: the connection limit (all connections
 are counted here first: beyond it a ``503`` and close), the header timeout (a
 connection that has not sent a complete request head within ``header_timeout`` of
-opening or of its last answer is closed), the send timeout (a client that accepts
+opening or of its last answer is closed; a head that trickles in is handed to aiohttp,
+whose own timer then runs: at most twice the timeout in all), the send timeout (a client that accepts
 nothing of an answer for ``send_timeout`` is dropped), the per-client cap (at the cap
 the request is handed to aiohttp, which answers ``429``), and graceful shutdown
 (idle connections closed, answers in progress finished within the shutdown timeout).
@@ -79,6 +80,12 @@ MAX_PENDING = 64 << 10
 
 BATCH = 16
 """Pipelined requests answered in one go before the event loop gets a turn."""
+
+SLOW_HEAD = 4096, 16
+"""A request head still incomplete after this many bytes, or pieces received, goes to
+aiohttp, whose parser reads incrementally: the front path rescans its buffer at each
+piece, which a client trickling its head byte by byte must not turn into quadratic
+work."""
 
 _LINES = rb"(GET|HEAD) (/[!-~]*) HTTP/1\.1\r\n((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~]*\r\n)*)"
 _HEAD = re.compile(_LINES + rb"\r\n")
@@ -280,7 +287,8 @@ class FrontProtocol(asyncio.Protocol):
     """One client connection while it is the front path's (see the module doc)."""
 
     __slots__ = ("_body", "_buf", "_busy", "_close_after", "_deadline", "_door", "_eof", "_gone",
-                 "_out", "_paused", "_peer", "_reading", "_sender", "_timer", "_transport")  # fmt: skip
+                 "_out", "_paused", "_peer", "_pieces", "_reading", "_sender", "_timer",
+                 "_transport")  # fmt: skip
 
     def __init__(self, door: FrontDoor) -> None:
         self._door = door
@@ -288,6 +296,7 @@ class FrontProtocol(asyncio.Protocol):
         self._out: socket.socket = None  # type: ignore[assignment]  # the socket, to send with flags
         self._peer: str | None = None
         self._buf = b""
+        self._pieces = 0  # reads that added to the request head not yet complete
         self._sender: RegionSender | None = None
         self._body: _Body | None = None  # the large answer being sent
         self._paused = False  # the transport holds bytes (its high-water mark is 0)
@@ -332,7 +341,11 @@ class FrontProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._gone:
             return
-        self._buf = self._buf + data if self._buf else data
+        if self._buf:
+            self._buf += data
+            self._pieces += 1
+        else:
+            self._buf = data
         if self._body is None and not self._paused:
             self._process()
         elif len(self._buf) > MAX_PENDING and self._reading:
@@ -405,11 +418,15 @@ class FrontProtocol(asyncio.Protocol):
                 door.loop.call_soon(self._resume)
                 return
             head = parse_head(self._buf, door.max_head)
-            if head is None:
-                break  # incomplete: the header timeout bounds the wait
+            if head is None:  # incomplete: the header timeout bounds the wait
+                if len(self._buf) > SLOW_HEAD[0] or self._pieces > SLOW_HEAD[1]:
+                    self._hand_off()
+                    return
+                break
             if head is False or not self._answer(*head):  # type: ignore[misc]
                 self._hand_off()
                 return
+            self._pieces = 0
             done += 1
 
     def _resume(self) -> None:
