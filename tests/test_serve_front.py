@@ -457,3 +457,16 @@ def test_a_head_that_trickles_in_goes_to_aiohttp_and_is_answered(twins, upstream
     (status, _, body), = parse_responses(bytes(out), ["GET"])
     assert status == 200 and body == (upstream_root / SMALL).read_bytes()
     assert fast.front.handed_off == handed + 1
+
+
+def test_the_table_of_known_hits_stays_small_whatever_the_queries() -> None:
+    from pixicache.serve.blobs import KnownHits
+
+    table = KnownHits(limit=100, longest=64)
+    for i in range(1000):
+        table.learn(f"/sha256/{'a' * 64}?url={i}", "sha256", "a" * 64, None)
+        assert len(table) <= 100
+    table.learn("/" + "x" * 65, "artifact", "b" * 64, "https://u/x")
+    assert table.get("/" + "x" * 65) is None
+    table.learn("/x", "artifact", "b" * 64, "https://u/x")
+    assert table.get("/x") == ("artifact", "b" * 64, "https://u/x")

@@ -118,14 +118,19 @@ class KnownHit(NamedTuple):
 
 
 class KnownHits:
-    """Request targets (path and query, as sent) answered as hits, at most ``limit``
-    (then forgotten all at once and learned again)."""
+    """Request targets (path and query, as sent) answered as hits: at most ``limit``
+    (then forgotten all at once and learned again), none longer than ``longest``
+    characters (a client choosing queries must not make the table large: at most
+    ~``limit * longest`` bytes)."""
 
-    def __init__(self, limit: int = 100_000) -> None:
+    def __init__(self, limit: int = 20_000, longest: int = 512) -> None:
         self._targets: dict[str, KnownHit] = {}
         self._limit = limit
+        self._longest = longest
 
     def learn(self, target: str, route: str, sha: str, url: str | None) -> None:
+        if len(target) > self._longest:
+            return
         if target not in self._targets and len(self._targets) >= self._limit:
             self._targets.clear()
         self._targets[target] = KnownHit(route, sha, url)
