@@ -17,7 +17,9 @@ hits
     warm caches: one big blob to 8 connections (throughput, server CPU in cores) and the
     workload's artifacts (the GPU lock's 121 at ``--scale``) to 8 connections
     (requests/s), pixicache with ``--workers`` 1 and 2 beside nginx with 1 and 2 workers
-    serving the same files from disk.
+    serving the same files from disk; the artifacts again with ``wrk`` as the client
+    (C, one thread: on a small machine the Python client's own CPU, shared with the
+    server, can set the rate for every server alike).
 
 The upstream is nginx serving the files statically; its access log counts what it sent.
 ``--shaped RATE`` (root) puts it in a network namespace of its own behind a veth pair
@@ -29,8 +31,8 @@ with a lean HTTP/1.1 client (http.client, 1 MiB readinto), the same for every se
     python benchmarks/serve.py                         # loopback
     python benchmarks/serve.py --quick                 # a small smoke run (~1 min)
 
-Needs nginx and squid (``apt-get install nginx squid``); a missing peer is a row that
-says so, never a silently weaker comparison.
+Needs nginx and squid (``apt-get install nginx squid wrk``); a missing peer is a row
+that says so, never a silently weaker comparison.
 """
 
 from __future__ import annotations
@@ -514,10 +516,39 @@ def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any],
                 r = run_clients(1, {"items": at, "threads": 8, "repeat": 5}, work, startup=0.3)
                 out.setdefault(f"{srv.name} small req/s", []).append(r["requests"] / r["seconds"])
                 out.setdefault(f"{srv.name} small ms/req", []).append((srv.cpu() - c0) / r["requests"] * 1000)
+                if shutil.which("wrk"):
+                    c0 = srv.cpu()
+                    rate = wrk_rate(srv.url, items, work)
+                    out.setdefault(f"{srv.name} wrk req/s", []).append(rate)
+                    out.setdefault(f"{srv.name} wrk ms/req", []).append((srv.cpu() - c0) / (rate * WRK_SECONDS) * 1000)
     finally:
         for srv in servers:
             srv.stop()
     return out
+
+
+WRK_SECONDS = 4
+
+
+def wrk_rate(base: str, items: list[list[Any]], work: Path) -> float:
+    """Requests/s of ``wrk`` (one thread, 8 connections, :data:`WRK_SECONDS`) asking for
+    the artifacts in turn: a client in C that costs the shared CPU far less than the
+    Python client, so the servers' own limits show. It reads and discards bodies
+    (the Python client's columns count complete ones)."""
+    script = work / "wrk-paths.lua"
+    paths = ",".join(json.dumps(urlsplit(it[0].replace("{base}", "http://x")).path) for it in items)
+    script.write_text(
+        f"paths = {{{paths}}}\ni = 0\n"
+        "request = function()\n  i = i % #paths + 1\n  return wrk.format('GET', paths[i])\nend\n"
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", "-c8", f"-d{WRK_SECONDS}s", "-s", str(script), base],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise RuntimeError(f"wrk printed no rate:\n{out}")
 
 
 def med(values: list[Any]) -> float:
@@ -587,8 +618,9 @@ def _hits_rows(hits: dict[str, Any], blob: int, artifacts: int) -> list[str]:
     lines = [
         f"### hits (warm): one {blob / 2**20:.0f} MiB blob x 8 connections; {artifacts} artifacts x 8 connections",
         "",
-        "| server | big blob GB/s | server CPU (cores) | artifacts req/s | server CPU ms per request | req/s ÷ nginx, same workers |",
-        "|---|---|---|---|---|---|",
+        "| server | big blob GB/s | server CPU (cores) | artifacts req/s | server CPU ms per request | req/s ÷ nginx, same workers "
+        "| wrk: req/s | wrk: server CPU ms per request | wrk: ÷ nginx |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [("pixicache", "nginx x1"), ("nginx x1", None), ("aiohttp floor", "nginx x1"),
             ("pixicache x2", "nginx x2"), ("nginx x2", None)]
@@ -601,14 +633,25 @@ def _hits_rows(hits: dict[str, Any], blob: int, artifacts: int) -> list[str]:
             f"{med(hits.get(f'{name} big cores', [])):.2f} | {med(rq):.0f} | "
             f"{med(hits.get(f'{name} small ms/req', [])):.2f} | "
             + (f"{ratio_of(rq, hits.get(f'{ng} small req/s', [])):.2f}x |" if ng else "1.00x |")
+            + _wrk_cells(hits, name, ng)
         )
     lines.append("")
+    if not any(k.endswith("wrk req/s") for k in hits):
+        lines.append("(wrk: not installed here, so no wrk columns: `apt-get install wrk`.)")
     lines.append(
         "(aiohttp floor: `benchmarks/aiohttp_floor.py`, aiohttp's low-level server with a "
         "handler that only opens the file and sends it: the least a server built on "
         "aiohttp, as pixicache is, costs per request.)"
     )
     return lines
+
+
+def _wrk_cells(hits: dict[str, Any], name: str, ng: str | None) -> str:
+    rq = hits.get(f"{name} wrk req/s", [])
+    if not rq:
+        return " - | - | - |"
+    ratio = f"{ratio_of(rq, hits.get(f'{ng} wrk req/s', [])):.2f}x" if ng else "1.00x"
+    return f" {med(rq):.0f} | {med(hits.get(f'{name} wrk ms/req', [])):.2f} | {ratio} |"
 
 
 def main(argv: list[str] | None = None) -> int:

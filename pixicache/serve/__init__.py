@@ -12,13 +12,17 @@ nginx does; it is one mature asyncio stack for both the server and the
 upstream client (no second HTTP stack), with keep-alive, header limits and
 graceful shutdown built in. One event loop serves hundreds of connections;
 the blocking store work (locks, writes, fsync, rename, gc) runs in a small
-thread pool.
+thread pool. Repeated plain hits, most of a mirror's requests, are answered on
+a leaner front path in front of it (:mod:`~pixicache.serve.front`) with the same
+answers; everything else reaches aiohttp unchanged.
 
 Modules, one job each:
 
 * :mod:`~pixicache.serve.config`: :class:`ServeConfig`, :class:`Upstream` (CLI/TOML);
 * :mod:`~pixicache.serve.upstreams`: the allow-list and URL mapping;
-* :mod:`~pixicache.serve.http`: safe paths, Range, validators, sendfile;
+* :mod:`~pixicache.serve.http`: safe paths, Range, validators, a file's answer, sendfile;
+* :mod:`~pixicache.serve.blobs`: blobs opened and pinned for sending; the known hits;
+* :mod:`~pixicache.serve.front`: every connection's first stop; plain hits answered there;
 * :mod:`~pixicache.serve.writer`: a fill's partial file and commit;
 * :mod:`~pixicache.serve.fill`: single-flight fills streamed to all waiters;
 * :mod:`~pixicache.serve.repodata`: channel metadata with a TTL and revalidation;

@@ -3,12 +3,13 @@ background thread (tests, ``pixicache demo``, benchmarks).
 
 The HTTP layer is aiohttp's low-level server (``web.Server``): one asyncio
 loop, HTTP/1.1 keep-alive, bodies streamed with flat memory
-(``StreamResponse``), stored blobs sent with ``loop.sendfile`` (``sendfile(2)``,
-zero-copy, as nginx does). On top of it this module adds what a public-facing
+(``StreamResponse``), stored blobs sent with ``sendfile(2)`` (zero-copy, as
+nginx does), with the front path (:mod:`pixicache.serve.front`) as every
+connection's first stop. On top of it this module adds what a public-facing
 mirror needs and aiohttp leaves to the application:
 
-* a bound on open connections (beyond it a connection gets a ``503`` and is
-  closed at once);
+* a bound on open connections, counted at the front (beyond it a connection
+  gets a ``503`` and is closed at once);
 * a header timeout: aiohttp's keep-alive timer, armed at connect and after
   each response, closes a connection that has not delivered a complete
   request in ``header_timeout`` seconds (slowloris);
