@@ -62,16 +62,20 @@ def config(store: Path, upstream: UpstreamServer, **kw: object) -> ServeConfig:
 def learned(srv: ServeHandle, upstream_root: Path, *rels: str) -> None:
     """Fill each artifact, then have it answered once as a hit on aiohttp's path (what
     teaches the front path the target)."""
+    assert srv.front is not None
     with httpx.Client(timeout=30) as c:
         for rel in rels:
             sha = sha_of(upstream_root, rel)
-            for _ in range(2):
-                r = c.get(f"{srv.url}/{rel}", headers={"x-expected-sha256": sha})
-                assert r.status_code == 200
-            srv.wait_idle()
-            r = c.get(f"{srv.url}/sha256/{sha}")
-            assert r.status_code == 200 and r.headers["x-pixicache-cache"] == "hit"
-    assert srv.front is not None
+            assert c.get(f"{srv.url}/{rel}", headers={"x-expected-sha256": sha}).status_code == 200
+            srv.wait_idle()  # committed: what follows are hits
+            for target in (f"/{rel}", f"/sha256/{sha}"):
+                r = c.get(srv.url + target, headers={"x-expected-sha256": sha})
+                assert r.status_code == 200 and r.headers["x-pixicache-cache"] == "hit"
+    with httpx.Client(timeout=30) as c:  # a new connection: the front path answers now
+        before = srv.front.answered
+        for rel in rels:
+            c.head(f"{srv.url}/{rel}", headers={"x-expected-sha256": sha_of(upstream_root, rel)})
+        assert srv.front.answered == before + (len(rels) if srv.config.fast_hits else 0)
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +290,18 @@ def test_front_path_hits_are_logged_and_counted_like_the_others(twins, upstream_
 # -- limits and faults ---------------------------------------------------------------------
 
 
+def slow_reader(port: int) -> tuple[socket.socket, bytes]:
+    """A connection with a small receive buffer that asked for the huge blob and read
+    the first bytes of the answer (a 200): the server is still sending it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /{HUGE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    first = sock.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    return sock, first
+
+
 def test_a_changed_blob_is_never_sent_by_the_front_path(tmp_path, upstream, upstream_root):
     """The front path sends only the very file this process verified; a blob edited in
     place is handed over, hashed, quarantined and filled again."""
@@ -307,8 +323,10 @@ def test_an_evicted_blob_is_filled_again(tmp_path, upstream, upstream_root):
     with start_background(config(tmp_path / "store", upstream)) as srv:
         learned(srv, upstream_root, SMALL)
         Store(tmp_path / "store").gc(0)
+        before = srv.front.answered
         req = request("GET", f"/{SMALL}", f"x-expected-sha256: {sha_of(upstream_root, SMALL)}")
         (status, headers, body), = parse_responses(exchange(srv.port, req), ["GET"])
+        assert srv.front.answered == before
         assert status == 200 and body == (upstream_root / SMALL).read_bytes()
         assert headers["x-pixicache-cache"] == "miss"
 
@@ -318,12 +336,9 @@ def test_a_stalled_client_is_dropped_after_the_send_timeout(tmp_path, upstream, 
     dropped (the connection aborted mid-body), and the server goes on serving."""
     with start_background(config(tmp_path / "store", upstream, send_timeout=1.0)) as srv:
         learned(srv, upstream_root, HUGE, BIG)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-        sock.connect(("127.0.0.1", srv.port))
-        sock.sendall(f"GET /{HUGE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        first = sock.recv(4096)
-        assert first.startswith(b"HTTP/1.1 200 ")
+        before = srv.front.answered
+        sock, first = slow_reader(srv.port)
+        assert srv.front.answered == before + 1
         time.sleep(2.5)
         r = httpx.get(f"{srv.url}/{BIG}", timeout=30)
         assert r.status_code == 200 and len(r.content) == 3 << 20  # not stuck
@@ -350,11 +365,9 @@ def test_an_idle_or_unfinished_connection_is_closed_after_the_header_timeout(tmp
 def test_the_per_client_cap_counts_front_path_answers(tmp_path, upstream, upstream_root):
     with start_background(config(tmp_path / "store", upstream, per_client=1)) as srv:
         learned(srv, upstream_root, HUGE, BIG)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-        sock.connect(("127.0.0.1", srv.port))
-        sock.sendall(f"GET /{HUGE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")  # still sending: it counts
+        before = srv.front.answered
+        sock, _ = slow_reader(srv.port)  # still sending: it counts
+        assert srv.front.answered == before + 1
         capped = httpx.get(f"{srv.url}/{BIG}", timeout=30)
         assert capped.status_code == 429
         elsewhere = httpx.HTTPTransport(local_address="127.0.0.2")
@@ -369,11 +382,10 @@ def test_shutdown_closes_idle_connections_and_finishes_answers_in_flight(
     srv = start_background(config(tmp_path / "store", upstream))
     learned(srv, upstream_root, HUGE)
     idle = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-    busy = socket.socket()
-    busy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
-    busy.connect(("127.0.0.1", srv.port))
-    busy.sendall(f"GET /{HUGE} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    got = bytearray(busy.recv(65536))
+    before = srv.front.answered
+    busy, first = slow_reader(srv.port)
+    assert srv.front.answered == before + 1
+    got = bytearray(first)
     assert srv.front.protocols
     import threading
 
@@ -470,3 +482,28 @@ def test_the_table_of_known_hits_stays_small_whatever_the_queries() -> None:
     assert table.get("/" + "x" * 65) is None
     table.learn("/x", "artifact", "b" * 64, "https://u/x")
     assert table.get("/x") == ("artifact", "b" * 64, "https://u/x")
+
+
+def test_a_blob_is_pinned_while_sent_and_released_after(twins, upstream_root, tmp_path) -> None:
+    """gc cannot take a pinned blob's lock; the pins of a finished send are released
+    (a leaked one would keep gc away from the blob for good)."""
+    from pixicache.serve.blobs import BlobFiles
+    from pixicache.store.locking import FileLock, LockTimeout
+
+    slow, fast = twins
+    sha = sha_of(upstream_root, HUGE)
+    store = fast.app.store
+    blobs = BlobFiles(store)
+    gc_lock = lambda: FileLock(store.lock_dir / f"{sha}.lock", timeout=0)  # noqa: E731
+    blobs.pin(sha)
+    blobs.pin(sha)
+    blobs.unpin(sha)
+    assert blobs.pins(sha) == 1
+    with pytest.raises(LockTimeout):
+        gc_lock().acquire()
+    blobs.unpin(sha)
+    assert blobs.pins(sha) == 0
+    gc_lock().acquire().release()
+    for _ in range(3):
+        exchange(fast.port, request("GET", f"/{HUGE}"))
+    assert fast.app.blobs.pins(sha) == 0 and slow.app.blobs.pins(sha) == 0

@@ -94,6 +94,11 @@ class BlobFiles:
             lock = None
         self._pins[sha] = (lock, 1)
 
+    def pins(self, sha: str) -> int:
+        """How many :meth:`pin` calls of ``sha`` are not undone yet."""
+        held = self._pins.get(sha)
+        return held[1] if held is not None else 0
+
     def unpin(self, sha: str) -> None:
         """Undo one :meth:`pin` of ``sha``."""
         held = self._pins.get(sha)
