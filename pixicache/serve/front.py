@@ -49,13 +49,11 @@ import time
 from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import Any, Union, cast
 
+from pixicache.serve.app import SMALL_BODY, ServeApp
 from pixicache.serve.http import IMMUTABLE, RegionSender, answer_file, selector_writers
 from pixicache.serve.metrics import Metrics
-
-if TYPE_CHECKING:
-    from pixicache.serve.app import ServeApp
 
 __all__ = ["BUSY", "FrontDoor", "FrontProtocol", "parse_head"]
 
@@ -68,9 +66,6 @@ BUSY = (
     b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
 )
 """What a connection beyond the limit is sent before it is closed."""
-
-SMALL_BODY = 64 << 10
-"""Bodies up to this size are sent without pinning the blob (as on aiohttp's path)."""
 
 MAX_FIELDS = 100
 """Header lines a plain hit may have (aiohttp's own limit, as the server sets it)."""
@@ -470,7 +465,7 @@ class FrontProtocol(asyncio.Protocol):
             app.account(method, route, status, 0, client, target, started, "hit")
             self._answered(close)
             return True
-        pinned = body > SMALL_BODY  # as on aiohttp's path: a short send needs no pin
+        pinned = body > SMALL_BODY  # as on aiohttp's path: a short body is sent at once
         if pinned:
             app.blobs.pin(sha)
         self._body = _Body(method, route, target, sha, fd, start, body, status, client, started, close, pinned)
