@@ -285,6 +285,8 @@ def test_front_path_hits_are_logged_and_counted_like_the_others(twins, upstream_
     text = httpx.get(f"{fast.url}/metrics").text
     assert 'pixicache_serve_requests_total{method="GET",route="artifact",status="200"}' in text
     assert 'pixicache_serve_cache_total{result="hit"}' in text
+    assert f"pixicache_serve_front_answered_total {float(fast.front.answered)}" in text
+    assert f"pixicache_serve_front_handed_off_total {float(fast.front.handed_off)}" in text
 
 
 # -- limits and faults ---------------------------------------------------------------------

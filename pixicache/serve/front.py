@@ -218,6 +218,7 @@ class FrontDoor:
         from aiohttp.http import SERVER_SOFTWARE
 
         self.server_software = SERVER_SOFTWARE
+        self.metrics.count_front(lambda: self.answered, lambda: self.handed_off)
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)

@@ -7,7 +7,10 @@ without pixicache maintaining them).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -72,6 +75,28 @@ class Metrics:
             registry=r,
         )
 
+    def count_front(self, answered: Callable[[], int], handed_off: Callable[[], int]) -> None:
+        """Expose the front path's counts (:class:`pixicache.serve.front.FrontDoor`),
+        read when the metrics are rendered: nothing is counted per request here."""
+        self.registry.register(_FrontCollector(answered, handed_off))
+
     def render(self) -> bytes:
         """The text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _FrontCollector:
+    def __init__(self, answered: Callable[[], int], handed_off: Callable[[], int]) -> None:
+        self._answered, self._handed_off = answered, handed_off
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "pixicache_serve_front_answered",
+            "Requests answered on the front path (repeated plain hits, without aiohttp)",
+            value=self._answered(),
+        )
+        yield CounterMetricFamily(
+            "pixicache_serve_front_handed_off",
+            "Connections the front path handed to aiohttp (at a request it does not answer)",
+            value=self._handed_off(),
+        )
