@@ -321,10 +321,11 @@ class FrontProtocol(asyncio.Protocol):
             self._hand_off()
             return
         try:  # a duplicate of the socket, closed with the connection: send(MSG_MORE)
-            self._out = socket.socket(fileno=os.dup(sock.fileno()))
-        except OSError:
+            dup = os.dup(sock.fileno())
+        except OSError:  # out of file descriptors: aiohttp's path needs none more
             self._hand_off()
             return
+        self._out = socket.socket(fileno=dup)
         peer = tr.get_extra_info("peername")
         self._peer = peer[0] if peer else None
         with contextlib.suppress(OSError):
