@@ -51,7 +51,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Union, cast
 
-from pixicache.serve.app import SMALL_BODY, ServeApp
+from pixicache.serve.app import HIT_HEADERS, SMALL_BODY, ServeApp
 from pixicache.serve.http import IMMUTABLE, RegionSender, answer_file, selector_writers
 from pixicache.serve.metrics import Metrics
 
@@ -92,7 +92,6 @@ _HAND_OFF_FIELDS = frozenset(
 )
 _CONNECTION_TOKENS = frozenset(("keep-alive", "close"))
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
-_HIT = {"x-pixicache-cache": "hit"}
 
 
 class _Fields(dict):  # type: ignore[type-arg,unused-ignore]
@@ -248,7 +247,7 @@ class FrontDoor:
         if known is not None and known[0] == key:
             return known[1]
         status, headers, _, length = answer_file(
-            {}, st.st_size, st.st_mtime, etag=f'"{sha}"', cache_control=IMMUTABLE, extra=_HIT
+            {}, st.st_size, st.st_mtime, etag=f'"{sha}"', cache_control=IMMUTABLE, extra=HIT_HEADERS
         )
         top = _top(status, headers, length)
         if len(self._whole) >= 10_000:
@@ -447,7 +446,7 @@ class FrontProtocol(asyncio.Protocol):
         started = time.monotonic()
         if "range" in fields or "if-none-match" in fields or "if-modified-since" in fields:
             status, headers, start, length = answer_file(
-                fields, st.st_size, st.st_mtime, etag=f'"{sha}"', cache_control=IMMUTABLE, extra=_HIT
+                fields, st.st_size, st.st_mtime, etag=f'"{sha}"', cache_control=IMMUTABLE, extra=HIT_HEADERS
             )
             # no Content-Length on a 304, nor on a HEAD's 416 (as aiohttp answers them)
             no_length = status == 304 or (status == 416 and method == "HEAD")

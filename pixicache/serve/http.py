@@ -156,8 +156,8 @@ def answer_file(
     """The answer of a file of ``size`` bytes last modified at ``mtime``: validators
     (``304``), a single ``Range`` (``206``, or ``416`` with ``bytes */size``; several
     ranges get the whole body, as RFC 9110 allows), else ``200``. ``request_headers``
-    is looked up case-insensitively by the caller's mapping (aiohttp's headers, or
-    :class:`multidict.CIMultiDict`). A ``304`` and a ``416`` have no body (length 0).
+    must look names up case-insensitively (aiohttp's headers; the front path's
+    fields). A ``304`` and a ``416`` have no body (length 0).
 
     >>> answer_file({"Range": "bytes=2-"}, 10, 0.0, etag='"x"', cache_control="c")[::2]
     (206, 2)
