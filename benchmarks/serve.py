@@ -186,14 +186,44 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and every process below it (threads included)."""
-    ticks = 0
+def cpu_parts(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` and every process below it (threads included)."""
+    user = system = 0
     for p in _tree(pid):
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11])
+            system += int(fields[12])
+    tck = os.sysconf("SC_CLK_TCK")
+    return user / tck, system / tck
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every process below it (threads included)."""
+    return sum(cpu_parts(pid))
+
+
+def settle_page_cache(work: Path, nbytes: int) -> None:
+    """Write a file of ``nbytes`` and delete it, so that the next fill's page-cache
+    allocations find freshly freed memory, whichever cache makes them.
+
+    Why: on a virtual machine whose host takes back guest memory that has sat free for
+    a few seconds (free page reporting, as on this build machine), the first touch of
+    such memory costs the guest a host fault per page, billed as system time to
+    whichever process touches it: ~1.2 CPU-s per GiB here, for a file write or an
+    anonymous allocation alike. Without this step a cold fill's CPU figure carried that
+    cost or not depending on what the machine had freed in the seconds before (the same
+    cache measured 1.2 to 4.7 system CPU-s per GiB in one session). Every cache gets the
+    same step before each fill; ``--no-settle`` measures without it.
+    """
+    if nbytes <= 0:
+        return
+    path = work / "settle.tmp"
+    block = bytes(4 << 20)
+    with open(path, "wb") as fh:
+        for _ in range(0, nbytes, len(block)):
+            fh.write(block)
+    path.unlink()
 
 
 def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
@@ -438,11 +468,13 @@ def fetch_once(url: str, sha: str, size: int, work: Path) -> dict[str, Any]:
     return r
 
 
-def measure_cold(up: Server, rel: str, sha: str, size: int, work: Path, repeat: int) -> dict[str, list[float]]:
-    """Per kind: time to last byte and CPU-s/GiB, one cold cache per repetition."""
+def measure_cold(up: Server, rel: str, sha: str, size: int, work: Path, repeat: int, settle: int) -> dict[str, list[float]]:
+    """Per kind: time to last byte and CPU-s/GiB (user, system), one cold cache per
+    repetition; :func:`settle_page_cache` (``settle`` bytes) before each fill."""
     out: dict[str, list[float]] = {"direct": []}
     gib = size / (1 << 30)
     for rep in range(repeat):
+        settle_page_cache(work, settle)
         out["direct"].append(fetch_once(f"{up.url}/{rel}", sha, size, work)["seconds"])
         for kind in PEERS:
             srv = start_peer(kind, up.url, work, f"cold{rep}")
@@ -450,17 +482,21 @@ def measure_cold(up: Server, rel: str, sha: str, size: int, work: Path, repeat: 
                 out.setdefault(f"{kind} missing", []).append(0.0)
                 continue
             try:
-                c0 = srv.cpu()
+                settle_page_cache(work, settle)
+                u0, s0 = cpu_parts(srv.proc.pid)
                 r = fetch_once(f"{srv.url}/{rel}", sha, size, work)
                 time.sleep(0.5)  # a cache finishing its write after the last byte
+                u1, s1 = cpu_parts(srv.proc.pid)
                 out.setdefault(f"{kind} time", []).append(r["seconds"])
-                out.setdefault(f"{kind} cpu", []).append((srv.cpu() - c0) / gib)
+                out.setdefault(f"{kind} cpu", []).append((u1 - u0 + s1 - s0) / gib)
+                out.setdefault(f"{kind} user", []).append((u1 - u0) / gib)
+                out.setdefault(f"{kind} sys", []).append((s1 - s0) / gib)
             finally:
                 srv.stop()
     return out
 
 
-def measure_herd(up: Server, log: Path, rel: str, sha: str, size: int, work: Path, clients: int, repeat: int) -> dict[str, list[Any]]:
+def measure_herd(up: Server, log: Path, rel: str, sha: str, size: int, work: Path, clients: int, repeat: int, settle: int) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for rep in range(repeat):
         for kind in PEERS:
@@ -468,6 +504,7 @@ def measure_herd(up: Server, log: Path, rel: str, sha: str, size: int, work: Pat
             if isinstance(srv, str):
                 continue
             try:
+                settle_page_cache(work, settle)
                 n0, b0 = upstream_sent(log)
                 r = run_clients(clients, {"items": [[f"{srv.url}/{rel}", sha, size]], "verify": True}, work, startup=1.0)
                 time.sleep(0.5)
@@ -560,10 +597,10 @@ def ratio_of(a: list[float], b: list[float]) -> float:
     return statistics.median([x / y for x, y in zip(a, b) if y]) if a and b else float("nan")
 
 
-def report(cold: dict[str, Any], herd: dict[str, Any], hits: dict[str, Any], *, blob: int, herd_size: int, clients: int, artifacts: int, link: str, sha_s: float) -> str:
+def report(cold: dict[str, Any], herd: dict[str, Any], hits: dict[str, Any], *, blob: int, herd_size: int, clients: int, artifacts: int, link: str, sha_s: float, settle: int) -> str:
     lines = [f"upstream: nginx (static) over {link}; medians of the repetitions, ratios within each", ""]
     if cold.get("direct"):
-        lines += _cold_rows(cold, blob, sha_s)
+        lines += _cold_rows(cold, blob, sha_s, settle)
     if herd:
         lines += _herd_rows(herd, herd_size, clients)
     if hits:
@@ -571,11 +608,11 @@ def report(cold: dict[str, Any], herd: dict[str, Any], hits: dict[str, Any], *, 
     return "\n".join(lines)
 
 
-def _cold_rows(cold: dict[str, Any], blob: int, sha_s: float) -> list[str]:
+def _cold_rows(cold: dict[str, Any], blob: int, sha_s: float, settle: int) -> list[str]:
     lines = [
         f"### cold pull-through of {blob / 2**20:.0f} MiB, one client",
         "",
-        "| | time to last byte | ÷ direct | cache CPU-s per GiB | ÷ nginx proxy_cache |",
+        "| | time to last byte | ÷ direct | cache CPU-s per GiB (user / system) | ÷ nginx proxy_cache |",
         "|---|---|---|---|---|",
         f"| direct from upstream | {med(cold['direct']):.2f} s | 1.00x | - | - |",
     ]
@@ -586,11 +623,18 @@ def _cold_rows(cold: dict[str, Any], blob: int, sha_s: float) -> list[str]:
         t, c = cold[f"{kind} time"], cold[f"{kind} cpu"]
         vs = ratio_of(c, cold.get("nginx proxy_cache cpu", []))
         lines.append(
-            f"| {kind} | {med(t):.2f} s | {ratio_of(t, cold['direct']):.2f}x | {med(c):.2f} | "
-            f"{vs:.2f}x |"
+            f"| {kind} | {med(t):.2f} s | {ratio_of(t, cold['direct']):.2f}x | {med(c):.2f} "
+            f"({med(cold[f'{kind} user']):.2f} / {med(cold[f'{kind} sys']):.2f}) | {vs:.2f}x |"
         )
     lines.append(f"| (one SHA-256 pass over the blob on this CPU) | | | {sha_s:.2f} | |")
+    lines += ["", f"(before each fill, every cache alike: {settle_note(settle)})"]
     return [*lines, ""]
+
+
+def settle_note(settle: int) -> str:
+    if not settle:
+        return "nothing (--no-settle): a fill's system time includes whatever first touch of host-reclaimed memory costs this machine at that moment"
+    return f"{settle / 2**20:.0f} MiB written and deleted, so its page-cache pages are freshly freed memory (settle_page_cache)"
 
 
 def _herd_rows(herd: dict[str, Any], herd_size: int, clients: int) -> list[str]:
@@ -664,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shaped", metavar="RATE", default=None, help="the upstream behind a tbf-shaped link, e.g. 1gbit (root)")
     parser.add_argument("--only", default="cold,herd,hits", help="which sections (cold,herd,hits)")
     parser.add_argument("--quick", action="store_true", help="a small run (128 MiB, scale 0.02, 8 clients, 1 repetition)")
+    parser.add_argument("--no-settle", action="store_true", help="no settle_page_cache step before cold fills and herds")
     parser.add_argument("--work", type=Path, default=None, help="work directory (default: a temp dir, removed)")
     args = parser.parse_args(argv)
     scale = args.scale if args.scale is not None else (0.02 if args.quick else 0.1)
@@ -700,15 +745,17 @@ def main(argv: list[str] | None = None) -> int:
         items = [[a.url.replace("https://conda.anaconda.org", "{base}"), a.sha256, a.size] for a in wl.artifacts]
         big_item = ["{base}/" + big_rel, big_sha, blob]
         cold = herd = hits = {}
+        settle = 0 if args.no_settle else blob * 3 // 2
         with upstream_at(wl.root, work, args.shaped) as (up, log, link):
             if "cold" in sections:
-                cold = measure_cold(up, big_rel, big_sha, blob, work, repeat)
+                cold = measure_cold(up, big_rel, big_sha, blob, work, repeat, settle)
             if "herd" in sections:
-                herd = measure_herd(up, log, herd_rel, herd_sha, herd_size, work, clients, repeat)
+                herd = measure_herd(up, log, herd_rel, herd_sha, herd_size, work, clients, repeat,
+                                    0 if args.no_settle else herd_size * 3 // 2)
             if "hits" in sections:
                 hits = measure_hits(wl.root, up, items, big_item, work, repeat)
         print(report(cold or {"direct": []}, herd, hits, blob=blob, herd_size=herd_size, clients=clients,
-                     artifacts=len(items), link=link, sha_s=sha_s))
+                     artifacts=len(items), link=link, sha_s=sha_s, settle=settle))
         print(f"\n(python benchmarks/serve.py {' '.join(argv if argv is not None else sys.argv[1:])}; "
               f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')})")
     finally:
