@@ -15,7 +15,9 @@ mirror needs and aiohttp leaves to the application:
   request in ``header_timeout`` seconds (slowloris);
 * header size limits (``max_field_size``, ``max_headers``);
 * graceful shutdown: stop listening, let running responses finish for up to
-  ``shutdown_timeout`` seconds, then cancel what is left.
+  ``shutdown_timeout`` seconds, then cancel what is left;
+* in a server process of its own (:func:`run_server`), glibc's ``malloc`` set to
+  keep freed body buffers for reuse (:func:`keep_buffers_mapped`).
 """
 
 from __future__ import annotations
