@@ -13,9 +13,11 @@ import hashlib
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h11
 import httpx
@@ -509,3 +511,129 @@ def test_a_blob_is_pinned_while_sent_and_released_after(twins, upstream_root, tm
     for _ in range(3):
         exchange(fast.port, request("GET", f"/{HUGE}"))
     assert fast.app.blobs.pins(sha) == 0 and slow.app.blobs.pins(sha) == 0
+
+
+def _front_protocols(srv: ServeHandle) -> list[Any]:
+    assert srv.front is not None
+    return list(srv.front.protocols)
+
+
+def test_a_large_body_is_sent_corked_and_the_cork_is_released_after_it(tmp_path, upstream, upstream_root):
+    """While the front path sends a large body, ``TCP_CORK`` is on (only full segments
+    leave, as on aiohttp's path and nginx's ``tcp_nopush``); when it is sent the cork is
+    off again, so nothing of the body's end, nor of the next answer, is held back."""
+    if not hasattr(socket, "TCP_CORK"):
+        pytest.skip("TCP_CORK is Linux's; the front path does not cork elsewhere")
+    with start_background(config(tmp_path / "store", upstream)) as fast:
+        learned(fast, upstream_root, HUGE, SMALL)
+        sock, first = slow_reader(fast.port)  # the huge blob, not read: its body is in progress
+        _read_corked_answer(fast, sock, first, upstream_root)
+
+
+def _read_corked_answer(fast: ServeHandle, sock: socket.socket, first: bytes, upstream_root: Path) -> None:
+    with sock:
+        deadline = time.monotonic() + 10
+        while not (sending := [p for p in _front_protocols(fast) if p._body is not None]):
+            assert time.monotonic() < deadline, "no body in progress on the front path"
+            time.sleep(0.01)
+        out = sending[0]._out
+        assert out.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 1
+        data = bytearray(first)
+        head_end = data.find(b"\r\n\r\n") + 4
+        sock.settimeout(30)
+        while len(data) - head_end < HUGE_SIZE:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the connection closed before the body was complete"
+            data += chunk
+        assert hashlib.sha256(data[head_end:]).hexdigest() == sha_of(upstream_root, HUGE)
+        while sending[0]._body is not None:
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.01)
+        assert out.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+        sock.sendall(request("GET", f"/{SMALL}"))  # the next answer on this connection
+        rest = bytearray()
+        while chunk := sock.recv(1 << 20):
+            rest += chunk
+        assert parse_responses(bytes(rest), ["GET"])[0][2] == (upstream_root / SMALL).read_bytes()
+
+
+def test_a_region_goes_out_a_slice_per_turn_of_the_event_loop(tmp_path, monkeypatch) -> None:
+    """``RegionSender`` puts at most ``SEND_SLICE`` bytes on the socket before the event
+    loop takes a turn, even when the socket would take more (a control shows it would),
+    and sends the whole region, intact, from its writer callback."""
+    import asyncio
+
+    from pixicache.serve import http as serve_http
+
+    monkeypatch.setattr(serve_http, "SEND_SLICE", 16 << 10)
+    size = 1 << 20
+    payload = os.urandom(size)
+    (tmp_path / "blob").write_bytes(payload)
+
+    def pair() -> tuple[socket.socket, socket.socket]:
+        with socket.create_server(("127.0.0.1", 0)) as lsn:
+            client = socket.create_connection(lsn.getsockname())
+            server, _ = lsn.accept()
+        server.setblocking(False)
+        return server, client
+
+    async def main() -> tuple[int, int, bytes]:
+        loop = asyncio.get_running_loop()
+        control, control_client = pair()  # how much a socket like this takes at once
+        took = 0
+        with control, control_client, open(tmp_path / "blob", "rb") as fh, contextlib.suppress(BlockingIOError):
+            while took < size:
+                took += os.sendfile(control.fileno(), fh.fileno(), took, size - took)
+        server, client = pair()
+        client.setblocking(False)
+        done: asyncio.Future[tuple[int, object]] = loop.create_future()
+        received = bytearray()
+        with server, client, open(tmp_path / "blob", "rb") as fh:
+            sender = serve_http.RegionSender(
+                loop, server.fileno(), fh.fileno(), 0, size, 30,
+                lambda sent, err: done.set_result((sent, err)),
+            )  # fmt: skip
+            sender.start()
+            first_turn = sender.sent
+            while len(received) < size:
+                with contextlib.suppress(BlockingIOError):
+                    received += client.recv(1 << 20)
+                await asyncio.sleep(0)
+            sent, err = await asyncio.wait_for(done, 30)
+        assert err is None and sent == size
+        return took, first_turn, bytes(received)
+
+    took, first_turn, received = asyncio.run(main())
+    assert took > 16 << 10, "the control socket took no more than a slice: nothing to show"
+    assert first_turn == 16 << 10
+    assert received == payload
+
+
+def _bytes_served(srv: ServeHandle) -> float:
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("pixicache_serve_bytes_served_total")
+    )
+
+
+@pytest.mark.parametrize("fast_hits", [False, True], ids=["aiohttp-path", "front-path"])
+def test_an_answer_cut_short_counts_the_bytes_it_sent(tmp_path, upstream, upstream_root, fast_hits):
+    """A client that goes away in the middle of a large answer: the bytes-served metric
+    counts what was put on its socket (at least what it read), not nothing."""
+    with start_background(config(tmp_path / "store", upstream, fast_hits=fast_hits)) as srv:
+        learned(srv, upstream_root, HUGE)
+        before = _bytes_served(srv)
+        sock, first = slow_reader(srv.port)
+        got = len(first)
+        sock.settimeout(30)
+        while got < 8 << 20:
+            chunk = sock.recv(1 << 20)
+            assert chunk
+            got += len(chunk)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset, with the rest of the answer unread
+        deadline = time.monotonic() + 30
+        while 'status="200-aborted"' not in httpx.get(f"{srv.url}/metrics", timeout=30).text:
+            assert time.monotonic() < deadline, "the cut answer was never counted"
+            time.sleep(0.05)
+        assert got - 4096 <= _bytes_served(srv) - before < HUGE_SIZE

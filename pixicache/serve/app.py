@@ -49,6 +49,7 @@ from pixicache.serve.fill import USER_AGENT, Fill, FillFailed, FillManager
 from pixicache.serve.http import (
     IMMUTABLE,
     HTTPProblem,
+    SendAborted,
     abort,
     answer_file,
     client_address,
@@ -717,8 +718,9 @@ class ServeApp:
         try:
             await resp.prepare(request)
             ctx.bytes += await send_region(request, fobj, start, length, self.config.send_timeout)
-        except ConnectionResetError:
+        except ConnectionResetError as exc:
             ctx.aborted = True
+            ctx.bytes += exc.sent if isinstance(exc, SendAborted) else 0
         finally:
             cork(request, False)
         return resp
@@ -855,8 +857,9 @@ class ServeApp:
                     if final and pos >= end:
                         return expected is None or fill.digest == expected
                 await fill.wait_change()
-        except ConnectionResetError:
+        except ConnectionResetError as exc:
             ctx.aborted = True
+            ctx.bytes += exc.sent if isinstance(exc, SendAborted) else 0
             return True
         finally:
             fobj.close()
