@@ -18,8 +18,10 @@ hits
     workload's artifacts (the GPU lock's 121 at ``--scale``) to 8 connections
     (requests/s), pixicache with ``--workers`` 1 and 2 beside nginx with 1 and 2 workers
     serving the same files from disk; the artifacts again with ``wrk`` as the client
-    (C, one thread: on a small machine the Python client's own CPU, shared with the
-    server, can set the rate for every server alike).
+    (C; one thread, then two). On a small machine the client's own CPU, shared with the
+    server, can set the rate for every server alike: the table shows each client's CPU,
+    and an aiohttp-only server (the "floor") as a check: a column in which it gets
+    nginx's rate measured the client.
 
 The upstream is nginx serving the files statically; its access log counts what it sent.
 ``--shaped RATE`` (root) puts it in a network namespace of its own behind a veth pair
@@ -196,6 +198,15 @@ def cpu_parts(pid: int) -> tuple[float, float]:
             system += int(fields[12])
     tck = os.sysconf("SC_CLK_TCK")
     return user / tck, system / tck
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's children that have been waited for
+    (the clients: each is waited for before the next measurement)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def cpu_seconds(pid: int) -> float:
@@ -541,23 +552,30 @@ def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any],
             r = run_clients(1, {"items": at, "threads": 4}, work, startup=0.3)
             if r["failures"]:
                 raise RuntimeError(f"warming {srv.name}: {r['failures'][:3]}")
-        for _rep in range(repeat):
-            for srv in servers:
+        for rep in range(repeat):
+            # the order turns round every other repetition, so a machine getting slower or
+            # faster during a repetition does not always favour the same server
+            for srv in servers if rep % 2 == 0 else servers[::-1]:
                 at = [[it[0].replace("{base}", srv.url), it[1], it[2]] for it in items]
                 big_at = [[big[0].replace("{base}", srv.url), big[1], big[2]]]
                 c0 = srv.cpu()
                 r = run_clients(1, {"items": big_at, "threads": 8, "repeat": 8}, work, startup=0.3)
                 out.setdefault(f"{srv.name} big GB/s", []).append(r["bytes"] / r["seconds"] / 1e9)
                 out.setdefault(f"{srv.name} big cores", []).append((srv.cpu() - c0) / r["seconds"])
-                c0 = srv.cpu()
-                r = run_clients(1, {"items": at, "threads": 8, "repeat": 5}, work, startup=0.3)
+                c0, k0 = srv.cpu(), children_cpu()
+                r = run_clients(1, {"items": at, "threads": 8, "repeat": HITS_ROUNDS}, work, startup=0.3)
                 out.setdefault(f"{srv.name} small req/s", []).append(r["requests"] / r["seconds"])
                 out.setdefault(f"{srv.name} small ms/req", []).append((srv.cpu() - c0) / r["requests"] * 1000)
+                # the client process's own CPU, its start-up included: an upper bound
+                out.setdefault(f"{srv.name} small client cores", []).append((children_cpu() - k0) / r["seconds"])
                 if shutil.which("wrk"):
-                    c0 = srv.cpu()
-                    rate = wrk_rate(srv.url, items, work)
-                    out.setdefault(f"{srv.name} wrk req/s", []).append(rate)
-                    out.setdefault(f"{srv.name} wrk ms/req", []).append((srv.cpu() - c0) / (rate * WRK_SECONDS) * 1000)
+                    for threads, key in ((1, "wrk"), (2, "wrk2")):
+                        c0, k0 = srv.cpu(), children_cpu()
+                        rate = wrk_rate(srv.url, items, work, threads)
+                        n = rate * WRK_SECONDS
+                        out.setdefault(f"{srv.name} {key} req/s", []).append(rate)
+                        out.setdefault(f"{srv.name} {key} ms/req", []).append((srv.cpu() - c0) / n * 1000)
+                        out.setdefault(f"{srv.name} {key} client cores", []).append((children_cpu() - k0) / WRK_SECONDS)
     finally:
         for srv in servers:
             srv.stop()
@@ -566,12 +584,19 @@ def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any],
 
 WRK_SECONDS = 4
 
+HITS_ROUNDS = 15
+"""Times the Python client asks for every artifact in one measurement (121 x 15 requests,
+about 2 s here): shorter ones (it was 5) made a repetition's ratio swing by +-15 % with
+what else the machine did in that second."""
 
-def wrk_rate(base: str, items: list[list[Any]], work: Path) -> float:
-    """Requests/s of ``wrk`` (one thread, 8 connections, :data:`WRK_SECONDS`) asking for
-    the artifacts in turn: a client in C that costs the shared CPU far less than the
-    Python client, so the servers' own limits show. It reads and discards bodies
-    (the Python client's columns count complete ones)."""
+
+def wrk_rate(base: str, items: list[list[Any]], work: Path, threads: int = 1) -> float:
+    """Requests/s of ``wrk`` (``threads`` threads, 8 connections, :data:`WRK_SECONDS`)
+    asking for the artifacts in turn: a client in C that costs the shared CPU less than
+    the Python client. It reads and discards bodies (the Python client's columns count
+    complete ones). With one thread it is itself the limit on this machine (its thread
+    is busy the whole time); with two it can use both cores, so the limit is what server
+    and client together cost the machine per request."""
     script = work / "wrk-paths.lua"
     paths = ",".join(json.dumps(urlsplit(it[0].replace("{base}", "http://x")).path) for it in items)
     script.write_text(
@@ -579,7 +604,7 @@ def wrk_rate(base: str, items: list[list[Any]], work: Path) -> float:
         "request = function()\n  i = i % #paths + 1\n  return wrk.format('GET', paths[i])\nend\n"
     )
     out = subprocess.run(
-        ["wrk", "-t1", "-c8", f"-d{WRK_SECONDS}s", "-s", str(script), base],
+        ["wrk", f"-t{threads}", "-c8", f"-d{WRK_SECONDS}s", "-s", str(script), base],
         capture_output=True, text=True, check=True,
     ).stdout
     for line in out.splitlines():
@@ -595,6 +620,15 @@ def med(values: list[Any]) -> float:
 def ratio_of(a: list[float], b: list[float]) -> float:
     """The median of the per-repetition ratios a/b."""
     return statistics.median([x / y for x, y in zip(a, b) if y]) if a and b else float("nan")
+
+
+def ratio_cell(a: list[float], b: list[float]) -> str:
+    """``ratio_of(a, b)``, and the lowest and highest per-repetition ratio when there
+    are several: how much of a difference is the machine's noise."""
+    ratios = [x / y for x, y in zip(a, b) if y]
+    if len(ratios) < 2:
+        return f"{ratio_of(a, b):.2f}x"
+    return f"{ratio_of(a, b):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def report(cold: dict[str, Any], herd: dict[str, Any], hits: dict[str, Any], *, blob: int, herd_size: int, clients: int, artifacts: int, link: str, sha_s: float, settle: int) -> str:
@@ -659,43 +693,55 @@ def _herd_rows(herd: dict[str, Any], herd_size: int, clients: int) -> list[str]:
 
 
 def _hits_rows(hits: dict[str, Any], blob: int, artifacts: int) -> list[str]:
+    rows = [("pixicache", "nginx x1"), ("nginx x1", None), ("aiohttp floor", "nginx x1"),
+            ("pixicache x2", "nginx x2"), ("nginx x2", None)]
+    rows = [(name, ng) for name, ng in rows if hits.get(f"{name} small req/s")]
     lines = [
         f"### hits (warm): one {blob / 2**20:.0f} MiB blob x 8 connections; {artifacts} artifacts x 8 connections",
         "",
-        "| server | big blob GB/s | server CPU (cores) | artifacts req/s | server CPU ms per request | req/s ÷ nginx, same workers "
-        "| wrk: req/s | wrk: server CPU ms per request | wrk: ÷ nginx |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | big blob GB/s | server CPU (cores) | artifacts req/s (Python client) | server CPU ms per request "
+        "| client CPU (cores) | req/s ÷ nginx, same workers (lowest-highest repetition) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    rows = [("pixicache", "nginx x1"), ("nginx x1", None), ("aiohttp floor", "nginx x1"),
-            ("pixicache x2", "nginx x2"), ("nginx x2", None)]
     for name, ng in rows:
-        rq = hits.get(f"{name} small req/s", [])
-        if not rq:
-            continue
+        rq = hits[f"{name} small req/s"]
         lines.append(
             f"| {name} | {med(hits.get(f'{name} big GB/s', [])):.2f} | "
             f"{med(hits.get(f'{name} big cores', [])):.2f} | {med(rq):.0f} | "
             f"{med(hits.get(f'{name} small ms/req', [])):.2f} | "
-            + (f"{ratio_of(rq, hits.get(f'{ng} small req/s', [])):.2f}x |" if ng else "1.00x |")
-            + _wrk_cells(hits, name, ng)
+            f"{med(hits.get(f'{name} small client cores', [])):.2f} | "
+            + (f"{ratio_cell(rq, hits.get(f'{ng} small req/s', []))} |" if ng else "1.00x |")
         )
     lines.append("")
     if not any(k.endswith("wrk req/s") for k in hits):
-        lines.append("(wrk: not installed here, so no wrk columns: `apt-get install wrk`.)")
+        lines.append("(wrk: not installed here, so no wrk table: `apt-get install wrk`.)")
+    else:
+        lines += [
+            "| server | wrk 1 thread: req/s | server CPU ms per request | wrk's CPU (cores) | ÷ nginx "
+            "| wrk 2 threads: req/s | server CPU ms per request | wrk's CPU (cores) | ÷ nginx |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, ng in rows:
+            lines.append(f"| {name} |" + _wrk_cells(hits, name, ng, "wrk") + _wrk_cells(hits, name, ng, "wrk2"))
+        lines.append("")
     lines.append(
         "(aiohttp floor: `benchmarks/aiohttp_floor.py`, aiohttp's low-level server with a "
         "handler that only opens the file and sends it: the least a server built on "
-        "aiohttp, as pixicache is, costs per request.)"
+        "aiohttp, as pixicache is, costs per request. Where it gets nginx's rate, the "
+        "client, not the server, set the rate of that column.)"
     )
     return lines
 
 
-def _wrk_cells(hits: dict[str, Any], name: str, ng: str | None) -> str:
-    rq = hits.get(f"{name} wrk req/s", [])
+def _wrk_cells(hits: dict[str, Any], name: str, ng: str | None, key: str) -> str:
+    rq = hits.get(f"{name} {key} req/s", [])
     if not rq:
-        return " - | - | - |"
-    ratio = f"{ratio_of(rq, hits.get(f'{ng} wrk req/s', [])):.2f}x" if ng else "1.00x"
-    return f" {med(rq):.0f} | {med(hits.get(f'{name} wrk ms/req', [])):.2f} | {ratio} |"
+        return " - | - | - | - |"
+    ratio = ratio_cell(rq, hits.get(f"{ng} {key} req/s", [])) if ng else "1.00x"
+    return (
+        f" {med(rq):.0f} | {med(hits.get(f'{name} {key} ms/req', [])):.2f} | "
+        f"{med(hits.get(f'{name} {key} client cores', [])):.2f} | {ratio} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
