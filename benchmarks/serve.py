@@ -533,8 +533,7 @@ def measure_hits(root: Path, up: Server, items: list[list[Any]], big: list[Any],
     """Warm servers: the big blob to 8 connections (GB/s, server cores) and the artifacts
     to 8 connections (requests/s); pixicache x1, x2 and nginx x1, x2. Warm means: the
     caches were filled, and then every server (the peers too) answered every artifact
-    once (a mirror that has run for a while has; pixicache's front path answers a
-    request without aiohttp from the second hit of it on)."""
+    once (a mirror that has run for a while has)."""
     out: dict[str, list[float]] = {}
     servers: list[Server] = []
     try:

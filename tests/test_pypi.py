@@ -190,6 +190,7 @@ def test_the_mirror_serves_project_pages_once_per_ttl_with_links_to_itself(ups, 
     assert ups.index.count("/simple/hello-wheel/") == 1  # both formats from one upstream page
     # the link works, from the store the second time
     first = httpx.get(mirror.url + f["url"])
+    mirror.wait_idle()  # committed (the last byte can reach the client first)
     again = httpx.get(mirror.url + f["url"])
     assert hashlib.sha256(first.content).hexdigest() == f["hashes"]["sha256"] == hashlib.sha256(again.content).hexdigest()
     assert again.headers["x-pixicache-cache"] == "hit" and ups.files.count() == 1

@@ -6,6 +6,7 @@ full, shutdown) are in test_serve_faults.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -731,7 +732,7 @@ def test_the_mirror_serves_the_single_file_agent_with_its_digest_as_etag(tmp_pat
 
 
 def test_workers_share_one_port_and_fill_each_artifact_once(tmp_path, upstream, upstream_root):
-    """`serve --workers 2`: two processes on one port (SO_REUSEPORT) and one store; 16
+    """`serve --workers 2`: two processes on one listening socket and one store; 16
     concurrent cold requests reach upstream once (the store's flock spans processes)."""
     import concurrent.futures
     import re
@@ -765,6 +766,75 @@ def test_workers_share_one_port_and_fill_each_artifact_once(tmp_path, upstream, 
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+
+
+def _server_sockets(pid: int, port: int) -> set[int]:
+    """The client ports of the established connections to ``port`` that process ``pid``
+    holds (from /proc: its socket inodes, and /proc/net/tcp's table)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    peers = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            cols = line.split()
+            local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
+            if state == "01" and int(local.split(":")[1], 16) == port and inode in inodes:
+                peers.add(int(remote.split(":")[1], 16))
+    return peers
+
+
+def test_workers_take_connections_in_turn(tmp_path):
+    """`serve --workers 2` shares one listening socket, and a worker takes a connection
+    only while it holds no more than the other: 8 connections made one after another
+    are held 4 and 4 (with SO_REUSEPORT's hash, as often 3/5 or 2/6), and all are served."""
+    import re
+    import socket
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pixicache", "serve", "--workers", "2", "--port", "0",
+             "--cache-dir", str(tmp_path / "store"), "--only-upstreams", "--per-client", "0"],
+            stderr=err,
+        )  # fmt: skip
+    conns: list[socket.socket] = []
+    try:
+        deadline = time.time() + 30
+        while len(re.findall(r"worker pid (\d+)", log.read_text())) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        pids = [int(p) for p in re.findall(r"worker pid (\d+)", log.read_text())]
+        port = int(re.findall(r"listening on http://127.0.0.1:(\d+)", log.read_text())[0])
+        assert len(pids) == 2, log.read_text()
+        for _ in range(8):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200"), "a connection was not served"
+            conns.append(conn)
+        held = [_server_sockets(pid, port) for pid in pids]
+        assert sorted(len(h) for h in held) == [4, 4], held
+        assert held[0] | held[1] == {c.getsockname()[1] for c in conns}
+    finally:
+        for conn in conns:
+            conn.close()
+        proc.terminate()
+        assert proc.wait(60) == 0
+
+
+def test_a_worker_that_stopped_accepting_never_makes_another_wait() -> None:
+    from pixicache.serve.balance import ConnectionShare
+
+    share = ConnectionShare(3)
+    for index, count in enumerate((2, 1, 5)):
+        share.publish(index, count)
+    assert share.least(1, 1) and not share.least(0, 2) and not share.least(2, 5)
+    share.retire(1)  # stopping: its connections are not counted against the others
+    assert share.least(0, 2) and not share.least(2, 5)
+    with pytest.raises(ValueError):
+        ConnectionShare(0)
 
 
 def test_workers_that_cannot_start_say_why_once_with_the_documented_code(tmp_path):

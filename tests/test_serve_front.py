@@ -275,6 +275,61 @@ def test_a_client_that_half_closes_after_its_request_gets_the_whole_answer(twins
     assert status == 200 and body == (upstream_root / BIG).read_bytes()
 
 
+def test_a_hit_this_process_has_not_answered_before_stays_on_the_front_path(
+    tmp_path, upstream, upstream_root
+):
+    """A server started on a store that holds the blobs (a restart; each worker of
+    ``serve --workers N``) looks a hit it has not answered yet up and answers it on the
+    front path, instead of handing the connection to aiohttp for good: pipelined
+    requests (artifact paths, digests, GET and HEAD) answered in order, each exactly as
+    aiohttp answers it, none handed over."""
+    store = tmp_path / "store"
+    with start_background(config(store, upstream, fast_hits=False)) as slow:
+        learned(slow, upstream_root, SMALL, BIG)
+        with start_background(config(store, upstream)) as fresh:
+            assert fresh.front is not None and len(fresh.app.known_hits) == 0
+            small, big = sha_of(upstream_root, SMALL), sha_of(upstream_root, BIG)
+            reqs = [
+                ("GET", f"/{BIG}", [f"x-expected-sha256: {big}"]),
+                ("HEAD", f"/{SMALL}", []),
+                ("GET", f"/sha256/{small}", []),
+                ("GET", f"/{SMALL}", ["Range: bytes=10-19"]),
+                ("GET", f"/{BIG}", []),
+            ]
+            data = b"".join(request(m, t, *x, "Connection: keep-alive") for m, t, x in reqs[:-1])
+            data += request(*reqs[-1][:2])
+            got = exchange(fresh.port, data)
+            want = exchange(slow.port, data)
+            assert without_date(got) == without_date(want)
+            answers = parse_responses(got, [m for m, _, _ in reqs])
+            assert [a[0] for a in answers] == [200, 200, 200, 206, 200]
+            assert answers[0][2] == (upstream_root / BIG).read_bytes()
+            assert fresh.front.answered == len(reqs) and fresh.front.handed_off == 0
+
+
+def test_a_look_up_that_outlasts_the_header_timeout_still_gets_its_answer(
+    tmp_path, upstream, upstream_root, monkeypatch
+):
+    """While a hit is looked up the header timeout does not run: a slow index (here
+    0.8 s, the timeout 0.3 s) delays the answer, never drops the request."""
+    store = tmp_path / "store"
+    with start_background(config(store, upstream)) as first:
+        learned(first, upstream_root, SMALL)
+    with start_background(config(store, upstream, header_timeout=0.3)) as fresh:
+        known_sha = fresh.app._known_sha
+
+        async def slow_index(url: str, upstream_name: str) -> str | None:
+            import asyncio
+
+            await asyncio.sleep(0.8)
+            return await known_sha(url, upstream_name)
+
+        monkeypatch.setattr(fresh.app, "_known_sha", slow_index)
+        (status, _headers, body), = parse_responses(exchange(fresh.port, request("GET", f"/{SMALL}")), ["GET"])
+        assert status == 200 and body == (upstream_root / SMALL).read_bytes()
+        assert fresh.front.answered == 1 and fresh.front.handed_off == 0
+
+
 def test_front_path_hits_are_logged_and_counted_like_the_others(twins, upstream_root, caplog):
     caplog.set_level(logging.INFO, logger="pixicache.serve.access")
     _slow, fast = twins

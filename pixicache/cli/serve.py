@@ -83,8 +83,8 @@ def setup_logging(quiet: bool = False) -> None:
     "--workers",
     type=click.IntRange(1, 256),
     default=None,
-    help="Server processes on the one port (SO_REUSEPORT) and store (1; a mirror host of "
-    "its own: its core count).",
+    help="Server processes sharing the port (each takes a connection while it holds no "
+    "more than any other) and the store (1; a mirror host of its own: its core count).",
 )
 @click.option(
     "--max-connections",

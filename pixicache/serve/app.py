@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 from urllib.parse import parse_qs
@@ -384,6 +385,57 @@ class ServeApp:
             os.close(fd)
             return None
         return known.route, sha, fd, st
+
+    def learn_hit(self, target: str) -> Coroutine[Any, Any, bool] | None:
+        """Teach :meth:`ready_hit` a target this process has not answered yet, if a plain
+        GET of it is a hit now: the front path's way to keep a connection
+        (:mod:`pixicache.serve.front`) instead of handing it to aiohttp for good at its
+        first such request (a restarted server; each worker of ``serve --workers N``).
+
+        ``None`` (no I/O was needed to tell): not an artifact path of an upstream nor
+        ``/sha256/<digest>``. Else a coroutine: True when the target is known now (an
+        artifact path the index maps to a committed blob, or the digest of one, and the
+        blob vouched for without hashing: :meth:`BlobTrust.vouched`); False for anything
+        else (a miss, a blob to hash first, a bad one: aiohttp's path answers it and does
+        all that it does). Nothing is sent, fetched, hashed, counted or quarantined here.
+        """
+        try:
+            segments, _query = split_path(target, self.config.max_path)
+        except HTTPProblem:
+            return None
+        head = segments[0] if segments else ""
+        if head == "sha256":
+            if len(segments) != 2 or not is_sha256(segments[1].lower()):
+                return None
+            return self._learn_hit(target, "sha256", segments[1].lower(), None, "")
+        # the other routes _dispatch takes before the upstreams' (conservatively: any length)
+        if head in ("admin", "healthz", "metrics", "agent", "pixi") or self.upstreams.get(head) is None:
+            return None
+        rest = segments[1:]
+        url = self.upstreams.channel_url(head, rest)
+        if url is None or len(rest) < 2:
+            return None
+        if not (rest[-1].endswith(CONDA_EXTENSIONS) or is_distribution(rest[-1])):
+            return None
+        return self._learn_hit(target, "artifact", None, url, head)
+
+    async def _learn_hit(
+        self, target: str, route: str, sha: str | None, url: str | None, upstream: str
+    ) -> bool:
+        if sha is None:
+            assert url is not None
+            sha = await self._known_sha(url, upstream)
+            if sha is None:
+                return False
+        try:
+            fd, st = self.blobs.open(sha)
+        except OSError:  # not there, or not a regular file: aiohttp's path deals with it
+            return False
+        os.close(fd)
+        if not await self.trust.vouched(sha, st):
+            return False
+        self.known_hits.learn(target, route, sha, url)
+        return True
 
     async def _dispatch(self, request: web.BaseRequest, ctx: _Ctx) -> web.StreamResponse:
         segments, query = split_path(request.raw_path, self.config.max_path)

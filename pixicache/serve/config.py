@@ -191,10 +191,11 @@ class ServeConfig:
             the read timeout applies between two reads of the body.
         upstream_connections: concurrent connections to all upstreams together.
         shutdown_timeout: seconds a graceful shutdown waits for running responses.
-        workers: server processes, each with its own event loop, on one port
-            (``SO_REUSEPORT``: the kernel spreads connections) and one store (its
-            ``flock`` locks keep fills single-flight across them). Default 1; on a
-            mirror host of its own, the number of cores.
+        workers: server processes, each with its own event loop, on one listening
+            socket (each accepts while it holds no more connections than any other:
+            :mod:`pixicache.serve.balance`) and one store (its ``flock`` locks keep
+            fills single-flight across them). Default 1; on a mirror host of its
+            own, the number of cores. ``max_connections`` is per worker.
         max_path: longest request target accepted (longer: 414).
         max_header_size: longest request header line accepted (longer: 400).
         log_requests: log one line per request on ``pixicache.serve.access``.
@@ -223,8 +224,7 @@ class ServeConfig:
     upstream_connections: int = 64
     max_artifact_size: int = 64 << 30  # a body of unknown size is cut off beyond this
     shutdown_timeout: float = 30.0
-    workers: int = 1  # server processes sharing the port (SO_REUSEPORT) and the store
-    _reuse_port: bool = field(default=False, repr=False)  # a worker of several (runner)
+    workers: int = 1  # server processes sharing the listening socket and the store
     max_path: int = 1024
     max_header_size: int = 8190
     log_requests: bool = True

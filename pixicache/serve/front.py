@@ -16,13 +16,18 @@ malformed or merely unusual, is aiohttp's to parse and answer)::
     *( token ":" *( SP | HTAB | VCHAR ) CRLF )
     CRLF
 
-with no header twice, at most 100 of them and ``max_header_size`` bytes in all, no
+with a non-empty ``Host`` (without one, HTTP/1.1 makes it a ``400``: aiohttp's to
+give), no header twice, at most 100 of them and ``max_header_size`` bytes in all, no
 body and nothing that changes the connection (no ``Content-Length``,
 ``Transfer-Encoding``, ``Expect``, ``Upgrade``; ``Connection`` only ``keep-alive``
 or ``close``), not a warm request (``x-pixicache-warm``), and a target that
 :meth:`~pixicache.serve.app.ServeApp.ready_hit` vouches for: answered as a hit by
 this process before, the client's digest the blob's, the file the very one that was
-verified. Its answer is what aiohttp's path sends for the same request (the same
+verified. A target this process has not answered yet is looked up first
+(:meth:`~pixicache.serve.app.ServeApp.learn_hit`: the index, the file's recorded
+identity; never a hash or a fetch), the request waiting for it, so a restarted
+server and every worker of ``serve --workers N`` keep their connections on this path
+from the first request on. Its answer is what aiohttp's path sends for the same request (the same
 :func:`~pixicache.serve.http.answer_file`: validators, ``Range``, ``HEAD``; the same
 headers, metrics and access-log line); bodies up to 64 KiB go out with the headers
 in one write, larger ones by ``sendfile(2)`` from a writer callback
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import socket
@@ -57,6 +63,8 @@ from pixicache.serve.http import IMMUTABLE, RegionSender, answer_file, selector_
 from pixicache.serve.metrics import Metrics
 
 __all__ = ["BUSY", "FrontDoor", "FrontProtocol", "parse_head"]
+
+log = logging.getLogger("pixicache.serve")
 
 _BUSY_BODY = b"too many connections; retry later\n"
 BUSY = (
@@ -117,6 +125,8 @@ def parse_head(buf: bytes, max_size: int) -> Union[Head, bool, None]:
     ('GET', '/a', {'host': 'x'})
     >>> parse_head(b"GET /a HTTP/1.0\\r\\n\\r\\n", 8190)
     False
+    >>> parse_head(b"GET /a HTTP/1.1\\r\\n\\r\\n", 8190)  # no Host
+    False
     >>> parse_head(b"GET /a HT", 8190) is None
     True
     """
@@ -146,6 +156,8 @@ def parse_head(buf: bytes, max_size: int) -> Union[Head, bool, None]:
             t.strip().lower() for t in conn.split(",")
         ):
             return False
+    if not fields.get("host"):  # RFC 9112 3.2: an HTTP/1.1 request without one is a 400
+        return False
     return m.group(1).decode("ascii"), m.group(2).decode("ascii"), fields, end
 
 
@@ -212,6 +224,7 @@ class FrontDoor:
         self.answered = 0  # requests answered here
         self.handed_off = 0  # connections given to aiohttp
         self.closing = False
+        self.on_count: Callable[[], None] | None = None  # told whenever count() changes
         self._all_gone: asyncio.Future[None] | None = None
         self._date_at = -1
         self._tails = (b"", b"")
@@ -229,7 +242,10 @@ class FrontDoor:
         return len(self.protocols) + self._handed_off()
 
     def update_gauge(self) -> None:
+        """The open connections changed: the gauge, and ``on_count`` (a worker's share)."""
         self.metrics.connections.set(self.count())
+        if self.on_count is not None:
+            self.on_count()
 
     def tail(self, close: bool) -> bytes:
         """The end of an answer's head: ``Date`` (made once a second), ``Server``, and
@@ -284,8 +300,8 @@ class FrontProtocol(asyncio.Protocol):
     """One client connection while it is the front path's (see the module doc)."""
 
     __slots__ = ("_body", "_buf", "_busy", "_close_after", "_corked", "_deadline", "_door", "_eof",
-                 "_gone", "_out", "_paused", "_peer", "_pieces", "_reading", "_sender", "_timer",
-                 "_transport")  # fmt: skip
+                 "_gone", "_learning", "_out", "_paused", "_peer", "_pieces", "_reading", "_sender",
+                 "_timer", "_transport", "_tried")  # fmt: skip
 
     def __init__(self, door: FrontDoor) -> None:
         self._door = door
@@ -302,6 +318,8 @@ class FrontProtocol(asyncio.Protocol):
         self._close_after = False
         self._corked = False  # TCP_CORK is on: a large body is being sent
         self._busy = False  # inside _process (a body sent at once must not re-enter it)
+        self._learning = False  # the first request's target is being looked up (learn_hit)
+        self._tried: str | None = None  # the target looked up last, not to be again
         self._gone = False  # handed off, or closed
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -345,7 +363,7 @@ class FrontProtocol(asyncio.Protocol):
             self._pieces += 1
         else:
             self._buf = data
-        if self._body is None and not self._paused:
+        if self._body is None and not self._paused and not self._learning:
             self._process()
         elif len(self._buf) > MAX_PENDING and self._reading:
             self._reading = False
@@ -355,7 +373,9 @@ class FrontProtocol(asyncio.Protocol):
         self._eof = True
         # an answer in progress, or requests still to answer: keep the socket open
         # for them (closed once answered); else close it now
-        if not self._gone and (self._body is not None or self._paused or b"\r\n\r\n" in self._buf):
+        if not self._gone and (
+            self._body is not None or self._paused or self._learning or b"\r\n\r\n" in self._buf
+        ):
             return True
         return None
 
@@ -371,7 +391,7 @@ class FrontProtocol(asyncio.Protocol):
         body = self._body
         if body is not None and self._sender is None:
             self._start_body(body)  # its headers are out now
-        elif body is None:
+        elif body is None and not self._learning:
             self._process()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -422,24 +442,28 @@ class FrontProtocol(asyncio.Protocol):
                     self._hand_off()
                     return
                 break
-            if head is False or not self._answer(*head):  # type: ignore[misc]
+            answered = False if head is False else self._answer(*head)  # type: ignore[misc]
+            if answered is None:  # its target is being looked up: _learned goes on
+                return
+            if not answered:
                 self._hand_off()
                 return
             self._pieces = 0
             done += 1
 
     def _resume(self) -> None:
-        if not self._gone and self._body is None and not self._paused:
+        if not self._gone and self._body is None and not self._paused and not self._learning:
             self._process()
 
-    def _answer(self, method: str, target: str, fields: _Fields, end: int) -> bool:
+    def _answer(self, method: str, target: str, fields: _Fields, end: int) -> bool | None:
         """Answer one plain request if it is a hit this process can send at once (True);
-        False leaves it, unconsumed, to aiohttp."""
+        False leaves it, unconsumed, to aiohttp; None: a target this process has not
+        answered yet is being looked up (:meth:`_learn`), the request waits for it."""
         door = self._door
         app = door.app
         hit = app.ready_hit(target, fields.get("x-expected-sha256"))
         if hit is None:
-            return False
+            return self._learn(target)
         route, sha, fd, st = hit
         client = app.client_of(self._peer, fields.get("x-forwarded-for"))
         if not app.may_start(client):  # aiohttp answers 429 and counts it
@@ -479,6 +503,33 @@ class FrontProtocol(asyncio.Protocol):
             self._start_body(self._body)
         return True
 
+    def _learn(self, target: str) -> bool | None:
+        """Look ``target`` up (:meth:`ServeApp.learn_hit`), once per request, and go on
+        when that is done (None); False: nothing to look up, aiohttp's path answers it.
+        Reading goes on meanwhile (pipelined requests wait in the buffer, bounded by
+        ``MAX_PENDING``); the header timeout does not run, the send timeout does not
+        apply (nothing is being sent)."""
+        if target == self._tried:
+            return False
+        self._tried = target
+        lookup = self._door.app.learn_hit(target)
+        if lookup is None:
+            return False
+        self._learning = True
+        task = self._door.loop.create_task(lookup)
+        task.add_done_callback(self._learned)
+        return None
+
+    def _learned(self, task: asyncio.Task[bool]) -> None:
+        self._learning = False
+        if not task.cancelled() and task.exception() is not None:
+            log.error("looking up a hit failed: %r", task.exception())  # aiohttp's path answers
+        if self._gone:
+            return
+        self._deadline = self._door.loop.time() + self._door.header_timeout
+        if not self._paused:  # else resume_writing goes on
+            self._process()  # the request again: a hit now, or (tried) handed off
+
     def _cork(self, on: bool) -> None:
         """``TCP_CORK`` on or off, as aiohttp's path does around a large body
         (:func:`~pixicache.serve.http.cork`; nginx's ``tcp_nopush``): while it is on, the
@@ -510,6 +561,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _answered(self, close: bool) -> None:
         """An answer is complete (written, or handed to the transport)."""
+        self._tried = None
         self._deadline = self._door.loop.time() + self._door.header_timeout
         if close:
             self._close_after = True
@@ -577,6 +629,8 @@ class FrontProtocol(asyncio.Protocol):
 
     def close_when_idle(self) -> None:
         """Close now if no answer is in progress, else right after it."""
+        if self._learning:  # its answer says "Connection: close" (door.closing)
+            return
         self._close_after = True
         if not self._gone and self._body is None and not self._paused:
             self._transport.close()
@@ -594,7 +648,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         loop = self._door.loop
         now = loop.time()
-        sending = self._sender is not None
+        sending = self._sender is not None or self._learning
         if not sending and now >= self._deadline:
             if self._paused or self._body is not None:
                 self.abort()  # a client that stopped reading

@@ -36,6 +36,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from pixicache.errors import PixicacheError
 from pixicache.serve.app import ServeApp
+from pixicache.serve.balance import BalancedAcceptor, SharedListener
 from pixicache.serve.config import ServeConfig
 from pixicache.serve.front import FrontDoor, FrontProtocol
 from pixicache.serve.metrics import Metrics
@@ -44,6 +45,9 @@ from pixicache.store import Store
 access_log = logging.getLogger("pixicache.serve.access")
 
 log = logging.getLogger("pixicache.serve")
+
+#: the listening socket's queue of connections not yet accepted
+BACKLOG = 1024
 
 class _QuietHandler(RequestHandler):
     """aiohttp's connection handler, answering a request its parser rejects with a short
@@ -118,11 +122,43 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-class ServeServer:
-    """One server on the running event loop: :meth:`start`, then :meth:`stop`."""
+class _SharedSite(web.BaseSite):
+    """aiohttp's site for a worker of ``serve --workers N``: the parent's listening
+    socket, accepted from by a :class:`~pixicache.serve.balance.BalancedAcceptor`."""
 
-    def __init__(self, config: ServeConfig, store: Store | None = None) -> None:
+    __slots__ = ("_listener",)
+
+    def __init__(self, runner: web.BaseRunner, listener: SharedListener) -> None:
+        super().__init__(runner)
+        self._listener = listener
+
+    @property
+    def name(self) -> str:
+        host, port = self._listener.sock.getsockname()[:2]
+        return f"http://{_url_host(host)}:{port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert isinstance(server, _LimitedServer)
+        lis = self._listener
+        acceptor = BalancedAcceptor(lis.sock, lis.share, lis.index, server.front.count, server)
+        server.front.on_count = acceptor.publish
+        acceptor.start()
+        self._server = acceptor  # type: ignore[assignment]  # close() and sockets, as asyncio's
+
+
+class ServeServer:
+    """One server on the running event loop: :meth:`start`, then :meth:`stop`.
+
+    ``listener``: a worker's of ``serve --workers N`` (the socket shared with the other
+    workers, :mod:`pixicache.serve.balance`); without it the server binds its own."""
+
+    def __init__(
+        self, config: ServeConfig, store: Store | None = None, listener: SharedListener | None = None
+    ) -> None:
         self.config = config
+        self.listener = listener
         self.app = ServeApp(config, store)
         self.front: FrontDoor | None = None
         self._runner: web.ServerRunner | None = None
@@ -145,10 +181,11 @@ class ServeServer:
         self.front = server.front
         self._runner = web.ServerRunner(server, shutdown_timeout=cfg.shutdown_timeout)
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, cfg.host, cfg.port, backlog=1024, reuse_address=True,
-            reuse_port=True if (cfg.workers > 1 or cfg._reuse_port) else None,
-        )  # fmt: skip
+        site: web.BaseSite
+        if self.listener is not None:
+            site = _SharedSite(self._runner, self.listener)
+        else:
+            site = web.TCPSite(self._runner, cfg.host, cfg.port, backlog=BACKLOG, reuse_address=True)
         try:
             await site.start()
         except OSError:
@@ -291,9 +328,10 @@ def keep_buffers_mapped() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 8 << 20)) & bool(mallopt(_M_TRIM_THRESHOLD, 128 << 20))
 
 
-def run_server(config: ServeConfig) -> None:
+def run_server(config: ServeConfig, listener: SharedListener | None = None) -> None:
     """Serve in the foreground until SIGTERM/SIGINT, then shut down gracefully; with
-    ``config.workers`` > 1, in that many processes on one port (:func:`_run_workers`).
+    ``config.workers`` > 1, in that many processes on one port (:func:`_run_workers`;
+    ``listener`` is set in each of them).
     The process's ``malloc`` keeps body buffers for reuse (:func:`keep_buffers_mapped`)."""
     keep_buffers_mapped()
     if config.workers > 1:
@@ -301,10 +339,10 @@ def run_server(config: ServeConfig) -> None:
         return
 
     async def main() -> None:
-        server = ServeServer(config)
+        server = ServeServer(config, listener=listener)
         await server.start()
         names = ", ".join(f"{u.name}={u.url}" for u in config.upstreams)
-        worker = f"; worker pid {os.getpid()}" if config._reuse_port else ""
+        worker = f"; worker pid {os.getpid()}" if listener is not None else ""
         log.info(
             "listening on %s (store %s; upstreams %s%s)",
             server.url, server.app.store.root, names, worker,
@@ -325,28 +363,21 @@ def run_server(config: ServeConfig) -> None:
 
 
 def _run_workers(config: ServeConfig) -> None:
-    """``config.workers`` server processes on one port: the port is reserved here first
-    (a bound, never listening ``SO_REUSEPORT`` socket, so ``--port 0`` works), each
-    worker is forked before any thread or event loop exists and binds it too, and
-    SIGTERM/SIGINT are passed on; the first worker to exit with an error ends all."""
-    import socket as _socket
-
+    """``config.workers`` server processes on one port: the listening socket is made
+    here (so ``--port 0`` works and a port in use is one message), each worker is forked
+    before any thread or event loop exists, inherits it and takes its share of the
+    connections (:mod:`pixicache.serve.balance`), and SIGTERM/SIGINT are passed on; the
+    first worker to exit with an error ends all."""
     Store(config.cache_dir)  # a store that cannot be used is one message, here, not N
-    family = _socket.AF_INET6 if ":" in config.host else _socket.AF_INET
-    reserve = _socket.socket(family, _socket.SOCK_STREAM)
-    reserve.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-    reserve.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
-    reserve.bind((config.host, config.port))
-    port = reserve.getsockname()[1]
-    worker_config = config.replace(port=port)
+    shared = SharedListener.bind(config.host, config.port, config.workers, BACKLOG)
+    worker_config = config.replace(port=shared.sock.getsockname()[1], workers=1)
     children: list[int] = []
-    for _ in range(config.workers):
+    for index in range(config.workers):
         pid = os.fork()
         if pid == 0:  # a worker
-            reserve.close()
             code = 0
             try:
-                run_server(worker_config.replace(workers=1, _reuse_port=True))
+                run_server(worker_config, shared.worker(index))
             except PixicacheError as exc:  # one line and its documented code, never a traceback
                 log.error("worker %d: %s", os.getpid(), exc)
                 code = exc.exit_code
@@ -355,6 +386,7 @@ def _run_workers(config: ServeConfig) -> None:
                 code = 1
             os._exit(code)
         children.append(pid)
+    shared.sock.close()  # the workers hold it
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:
@@ -372,6 +404,5 @@ def _run_workers(config: ServeConfig) -> None:
             if exit_code not in (0, -signal.SIGTERM, -signal.SIGINT) and not code:
                 code = exit_code if exit_code > 0 else 1  # the first failure's own code
                 forward(signal.SIGTERM, None)
-    reserve.close()
     if code:
         raise SystemExit(code)

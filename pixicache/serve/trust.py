@@ -66,11 +66,10 @@ class BlobTrust:
         ``sha`` (no I/O: the front path's check; anything else goes to :meth:`sendable`)."""
         return self._known.get(sha) == file_identity(st)
 
-    async def sendable(self, sha: str, fd: int, st: os.stat_result | None = None) -> bool:
-        """True if the open blob ``fd`` (whose ``fstat`` is ``st``, if the caller has it)
-        may be sent as ``sha``; False: it was bad (and is quarantined now)."""
-        if st is None:
-            st = os.fstat(fd)
+    async def vouched(self, sha: str, st: os.stat_result) -> bool:
+        """Whether the blob whose ``fstat`` is ``st`` may be sent as ``sha`` without
+        hashing it: the file this process verified, or the one the store recorded (then
+        remembered). False says nothing about its bytes (:meth:`sendable` hashes)."""
         ident = file_identity(st)
         if self._known.get(sha) == ident:
             return True
@@ -82,6 +81,16 @@ class BlobTrust:
             if recorded is not None and recorded[0] == ident:
                 self._remember(sha, ident)
                 return True
+        return False
+
+    async def sendable(self, sha: str, fd: int, st: os.stat_result | None = None) -> bool:
+        """True if the open blob ``fd`` (whose ``fstat`` is ``st``, if the caller has it)
+        may be sent as ``sha``; False: it was bad (and is quarantined now)."""
+        if st is None:
+            st = os.fstat(fd)
+        if await self.vouched(sha, st):
+            return True
+        ident = file_identity(st)
         actual = await self._run(_hash_fd, fd)
         if actual == sha:
             self._remember(sha, ident)
