@@ -837,6 +837,63 @@ def test_a_worker_that_stopped_accepting_never_makes_another_wait() -> None:
         ConnectionShare(0)
 
 
+def test_a_worker_waits_for_a_less_loaded_one_but_not_for_ever() -> None:
+    """The other worker's slot says it holds fewer connections. The first connection is
+    left to it, and it takes it; then it stops accepting (busy or hung): each new
+    connection is left to it first, then taken after MAX_DEFER, every time anew (the
+    first wait, ended by the other worker, does not count against the next); a
+    stopped acceptor makes nobody wait."""
+    import asyncio
+    import socket
+
+    from pixicache.serve.balance import MAX_DEFER, BalancedAcceptor, ConnectionShare
+
+    async def main() -> None:
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(8)
+        lsock.setblocking(False)
+        share = ConnectionShare(2)
+        share.publish(1, 0)  # the other worker: idle, it says
+        held: list[asyncio.BaseTransport] = []
+
+        class Held(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                held.append(transport)
+
+        acceptor = BalancedAcceptor(lsock, share, 0, lambda: len(held) + 1, Held)
+        acceptor.start()
+        clients = [await asyncio.open_connection(*lsock.getsockname())]
+        for _ in range(2000):  # the other worker takes it once this one has left it
+            if acceptor.deferred:
+                break
+            await asyncio.sleep(0.001)
+        assert acceptor.deferred, "the connection was not left to the less-loaded worker"
+        other, _addr = lsock.accept()
+        await asyncio.sleep(MAX_DEFER * 3)
+        assert not held
+        for n in (1, 2):
+            deferred = acceptor.deferred
+            clients.append(await asyncio.open_connection(*lsock.getsockname()))
+            for _ in range(2000):
+                if len(held) == n:
+                    break
+                await asyncio.sleep(0.001)
+            assert len(held) == n, "the connection was never accepted"
+            assert acceptor.deferred > deferred, f"connection {n} was not left to the other worker first"
+            await asyncio.sleep(MAX_DEFER * 3)  # idle: the next wait is a new one
+        acceptor.stop()
+        assert share.least(1, 10**9)  # a stopped worker is nobody's reason to wait
+        for transport in held:
+            transport.close()
+        for _reader, writer in clients:
+            writer.close()
+        other.close()
+        lsock.close()
+
+    asyncio.run(main())
+
+
 def test_workers_that_cannot_start_say_why_once_with_the_documented_code(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

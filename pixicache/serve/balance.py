@@ -107,7 +107,8 @@ class BalancedAcceptor:
         self._pending = 0  # accepted, transport not yet made
         self._watching = False
         self._timer: asyncio.TimerHandle | None = None
-        self._deferred_since: float | None = None
+        self._deferred_since = 0.0  # when the wait for a less-loaded worker began
+        self._last_look = -MAX_DEFER  # when this worker last left a connection waiting
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopped = True
         self.accepted = 0
@@ -169,8 +170,9 @@ class BalancedAcceptor:
         mine = self._count() + self._pending
         if not self.share.least(self.index, mine):
             now = self._loop.time()
-            if self._deferred_since is None:
+            if now - self._last_look > MAX_DEFER:  # a new wait: the last one ended
                 self._deferred_since = now
+            self._last_look = now
             if now - self._deferred_since < MAX_DEFER:
                 self.deferred += 1
                 self._pause(RETRY)
@@ -178,7 +180,6 @@ class BalancedAcceptor:
         try:
             conn, _addr = self.sock.accept()
         except (BlockingIOError, InterruptedError):  # another worker took it
-            self._deferred_since = None
             return
         except OSError as exc:
             if exc.errno in _EXHAUSTED:
@@ -186,7 +187,7 @@ class BalancedAcceptor:
                 self._pause(ACCEPT_RETRY_DELAY)
             # else: the client gave up before it was accepted (ECONNABORTED, ...)
             return
-        self._deferred_since = None
+        self._last_look = -MAX_DEFER
         self.accepted += 1
         conn.setblocking(False)
         self._pending += 1
