@@ -306,11 +306,14 @@ link cannot keep the loop to itself, and connections take turns. Measured beside
 (benchmarks/serve.py, hits with wrk): 512 KiB and 1 MiB alike, 2 MiB lower."""
 
 
+_DONE, _FULL, _SLICED = object(), object(), object()  # what RegionSender._pump ended with
+
+
 class RegionSender:
     """Sends ``count`` bytes of the file ``file_fd`` from ``offset`` on the non-blocking
     socket ``sock_fd`` by ``sendfile(2)``: what the socket takes at once, up to
-    :data:`SEND_SLICE`, then the rest from one writer callback, a slice per turn of the
-    event loop while the socket is writable. A client that accepts
+    :data:`SEND_SLICE`, then the rest a slice per turn of the event loop: from a
+    ``call_soon`` while the socket takes more, from a writer callback once it was full. A client that accepts
     nothing for ``timeout`` seconds is given up. ``done(sent, error)`` is called exactly
     once, unless :meth:`cancel` came first; ``error`` is a
     :class:`ConnectionResetError` (the client went away or stalled, or the file became
@@ -321,7 +324,7 @@ class RegionSender:
     caller's to hold). Needs :func:`selector_writers`.
     """
 
-    __slots__ = ("_add", "_done", "_file_fd", "_last", "_loop", "_remove", "_sock_fd",
+    __slots__ = ("_add", "_done", "_file_fd", "_last", "_loop", "_remove", "_sock_fd", "_soon",
                  "_timeout", "_timer", "_watching", "count", "offset", "sent")  # fmt: skip
 
     def __init__(
@@ -343,50 +346,65 @@ class RegionSender:
         self._timeout = timeout
         self._done: Callable[[int, ConnectionResetError | None], None] | None = done
         self._watching = False
+        self._soon: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0
 
     def start(self) -> None:
-        """Send what the socket takes now; watch it for the rest."""
-        if self._pump():
+        """Send what the socket takes now; the rest from later turns of the loop."""
+        state = self._pump()
+        if state is _DONE:
             return
         self._last = self._loop.time()
-        self._add(self._sock_fd, self._writable)
-        self._watching = True
         self._timer = self._loop.call_at(self._last + self._timeout, self._watchdog)
+        self._wait(state)
 
     def cancel(self) -> None:
         """Stop sending; ``done`` is not called."""
         self._done = None
         self._stop()
 
-    def _pump(self) -> bool:
-        """sendfile until the region is out, the socket is full or a slice is sent;
-        True when finished."""
+    def _pump(self) -> object:
+        """sendfile until the region is out (:data:`_DONE`, also after an error), the
+        socket is full (:data:`_FULL`) or a slice is sent (:data:`_SLICED`)."""
         try:
             end = min(self.count, self.sent + SEND_SLICE)
             while self.sent < end:
                 n = os.sendfile(self._sock_fd, self._file_fd, self.offset + self.sent, end - self.sent)
                 if n == 0:  # the file is shorter than it was
                     self._finish(ConnectionResetError("the file changed while being sent"))
-                    return True
+                    return _DONE
                 self.sent += n
             if self.sent < self.count:
-                return False  # the writer callback sends the next slice, after other work
+                return _SLICED  # the next slice after other work
         except (BlockingIOError, InterruptedError):
-            return False
+            return _FULL
         except OSError as exc:
             self._finish(ConnectionResetError(str(exc)))
-            return True
+            return _DONE
         self._finish(None)
-        return True
+        return _DONE
+
+    def _wait(self, state: object) -> None:
+        """The next slice: on the next turn while the socket takes more (no selector
+        change), when it is writable again once it is full (watched until the end)."""
+        if state is _FULL:
+            if not self._watching:
+                self._add(self._sock_fd, self._writable)
+                self._watching = True
+        elif not self._watching:
+            self._soon = self._loop.call_soon(self._writable)
 
     def _writable(self) -> None:
+        self._soon = None
         if self._done is None:
             return
         before = self.sent
-        if not self._pump() and self.sent != before:
-            self._last = self._loop.time()
+        state = self._pump()
+        if state is not _DONE:
+            if self.sent != before:
+                self._last = self._loop.time()
+            self._wait(state)
 
     def _watchdog(self) -> None:
         self._timer = None
@@ -402,6 +420,9 @@ class RegionSender:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         if self._watching:
             self._watching = False
             self._remove(self._sock_fd)
