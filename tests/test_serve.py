@@ -894,6 +894,52 @@ def test_a_worker_waits_for_a_less_loaded_one_but_not_for_ever() -> None:
     asyncio.run(main())
 
 
+def _soft_nofile(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as fh:
+        line = next(x for x in fh if x.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+@pytest.mark.parametrize("hard", [None, 512], ids=["hard-limit-high", "hard-limit-512"])
+def test_serve_raises_its_open_file_limit_to_fit_its_connections(tmp_path, hard):
+    """Started with a soft limit of 256 open files, `serve` raises it to what
+    max_connections needs (two descriptors each, plus a reserve), up to the hard limit;
+    below what it needs, it says so and serves anyway."""
+    import re
+    import resource
+
+    _, current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = current_hard if hard is None else hard
+    if cap != resource.RLIM_INFINITY and cap < 3072 and hard is None:
+        pytest.skip(f"the hard open-file limit here is {cap}: nothing to raise the soft one to")
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, cap))
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pixicache", "serve", "--port", "0", "--max-connections", "1024",
+             "--cache-dir", str(tmp_path / "store"), "--only-upstreams"],
+            stderr=err, preexec_fn=low_limit,
+        )  # fmt: skip
+    try:
+        deadline = time.time() + 30
+        while "listening on" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.05)
+        url = re.findall(r"listening on (\S+)", log.read_text())[0]
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        if hard is None:
+            assert _soft_nofile(proc.pid) == 2 * 1024 + 1024
+            assert "open-file limit" not in log.read_text()
+        else:
+            assert _soft_nofile(proc.pid) == 512
+            assert "the open-file limit (512) is below what 1024 connections need" in log.read_text()
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
+
+
 def test_workers_that_cannot_start_say_why_once_with_the_documented_code(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -17,7 +17,8 @@ mirror needs and aiohttp leaves to the application:
 * graceful shutdown: stop listening, let running responses finish for up to
   ``shutdown_timeout`` seconds, then cancel what is left;
 * in a server process of its own (:func:`run_server`), glibc's ``malloc`` set to
-  keep freed body buffers for reuse (:func:`keep_buffers_mapped`).
+  keep freed body buffers for reuse (:func:`keep_buffers_mapped`) and the open-file
+  limit raised to fit ``max_connections`` (:func:`raise_fd_limit`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ log = logging.getLogger("pixicache.serve")
 
 #: the listening socket's queue of connections not yet accepted
 BACKLOG = 1024
+#: open files a server needs besides two per connection (blob directories, blobs being
+#: sent, the index, fills' partial files, upstream connections)
+FD_RESERVE = 1024
 
 class _QuietHandler(RequestHandler):
     """aiohttp's connection handler, answering a request its parser rejects with a short
@@ -328,12 +332,43 @@ def keep_buffers_mapped() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 8 << 20)) & bool(mallopt(_M_TRIM_THRESHOLD, 128 << 20))
 
 
+def raise_fd_limit(want: int) -> int:
+    """Raise this process's soft limit on open files towards ``want`` (at most the hard
+    limit, as Go's runtime does at start); returns the soft limit now in force.
+
+    Each connection on the front path holds two descriptors (its socket and the
+    duplicate it sends with), and the server keeps blob directories and open blobs
+    besides, so the usual soft limit of 1024 would refuse connections (``EMFILE``,
+    accepting pauses) long before the default ``max_connections``. The event loop
+    uses epoll, so descriptors above 1023 are fine here."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+            return soft
+        return target
+    return soft
+
+
 def run_server(config: ServeConfig, listener: SharedListener | None = None) -> None:
     """Serve in the foreground until SIGTERM/SIGINT, then shut down gracefully; with
     ``config.workers`` > 1, in that many processes on one port (:func:`_run_workers`;
     ``listener`` is set in each of them).
-    The process's ``malloc`` keeps body buffers for reuse (:func:`keep_buffers_mapped`)."""
+    The process's ``malloc`` keeps body buffers for reuse (:func:`keep_buffers_mapped`),
+    and its open-file limit fits ``max_connections`` (:func:`raise_fd_limit`)."""
     keep_buffers_mapped()
+    limit = raise_fd_limit(2 * config.max_connections + FD_RESERVE)
+    if limit < 2 * config.max_connections + FD_RESERVE:
+        log.warning(
+            "the open-file limit (%d) is below what %d connections need (%d): raise it "
+            "(ulimit -n, or LimitNOFILE= in a systemd unit) or lower --max-connections",
+            limit, config.max_connections, 2 * config.max_connections + FD_RESERVE,
+        )  # fmt: skip
     if config.workers > 1:
         _run_workers(config)
         return
