@@ -67,9 +67,6 @@ class ConnectionShare:
         """Worker ``index`` accepts no more: nobody waits for it."""
         self._slots[index] = _RETIRED
 
-    def count(self, index: int) -> int:
-        return int(self._slots[index])
-
     def least(self, index: int, count: int) -> bool:
         """Whether ``count`` (worker ``index``'s) is no more than any other worker's."""
         slots = self._slots
@@ -111,7 +108,6 @@ class BalancedAcceptor:
         self._last_look = -MAX_DEFER  # when this worker last left a connection waiting
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopped = True
-        self.accepted = 0
         self.deferred = 0  # turns a waiting connection was left to another worker
 
     @property
@@ -188,7 +184,6 @@ class BalancedAcceptor:
             # else: the client gave up before it was accepted (ECONNABORTED, ...)
             return
         self._last_look = -MAX_DEFER
-        self.accepted += 1
         conn.setblocking(False)
         self._pending += 1
         self.publish()
