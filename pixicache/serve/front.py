@@ -318,7 +318,8 @@ class FrontProtocol(asyncio.Protocol):
         self._close_after = False
         self._corked = False  # TCP_CORK is on: a large body is being sent
         self._busy = False  # inside _process (a body sent at once must not re-enter it)
-        self._learning = False  # the first request's target is being looked up (learn_hit)
+        # the look-up of the first request's target (learn_hit), held while it runs
+        self._learning: asyncio.Task[bool] | None = None
         self._tried: str | None = None  # the target looked up last, not to be again
         self._gone = False  # handed off, or closed
         self._deadline = 0.0
@@ -515,13 +516,12 @@ class FrontProtocol(asyncio.Protocol):
         lookup = self._door.app.learn_hit(target)
         if lookup is None:
             return False
-        self._learning = True
-        task = self._door.loop.create_task(lookup)
-        task.add_done_callback(self._learned)
+        self._learning = self._door.loop.create_task(lookup)
+        self._learning.add_done_callback(self._learned)
         return None
 
     def _learned(self, task: asyncio.Task[bool]) -> None:
-        self._learning = False
+        self._learning = None
         if not task.cancelled() and task.exception() is not None:
             log.error("looking up a hit failed: %r", task.exception())  # aiohttp's path answers
         if self._gone:
