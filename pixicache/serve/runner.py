@@ -362,13 +362,15 @@ def run_server(config: ServeConfig, listener: SharedListener | None = None) -> N
     The process's ``malloc`` keeps body buffers for reuse (:func:`keep_buffers_mapped`),
     and its open-file limit fits ``max_connections`` (:func:`raise_fd_limit`)."""
     keep_buffers_mapped()
-    limit = raise_fd_limit(2 * config.max_connections + FD_RESERVE)
-    if limit < 2 * config.max_connections + FD_RESERVE:
-        log.warning(
-            "the open-file limit (%d) is below what %d connections need (%d): raise it "
-            "(ulimit -n, or LimitNOFILE= in a systemd unit) or lower --max-connections",
-            limit, config.max_connections, 2 * config.max_connections + FD_RESERVE,
-        )  # fmt: skip
+    if listener is None:  # a worker inherits the limit its parent raised (and warned of)
+        need = 2 * config.max_connections + FD_RESERVE
+        limit = raise_fd_limit(need)
+        if limit < need:
+            log.warning(
+                "the open-file limit (%d) is below what %d connections need (%d): raise it "
+                "(ulimit -n, or LimitNOFILE= in a systemd unit) or lower --max-connections",
+                limit, config.max_connections, need,
+            )  # fmt: skip
     if config.workers > 1:
         _run_workers(config)
         return
