@@ -24,22 +24,11 @@ def _throttle_largest(pool: Pool, seconds: float) -> str:
     return path
 
 
-def _partial_started(store: Path) -> bool:
-    """Whether a download into ``store`` has begun (a partial file with bytes in it, in
-    the store's partial/ or, in a store shared by several users, one of theirs)."""
-    for part in [store / "partial", *store.glob("user.*/partial")]:
-        try:
-            if any(p.stat().st_size > 0 for p in part.iterdir()):
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def _largest_in_flight(pool: Pool, node: int) -> bool:
-    """Whether the largest archive is being downloaded into ``node``'s store right now."""
+def _largest_in_flight(pool: Pool, store: Path) -> bool:
+    """Whether the largest archive is half-way into ``store`` right now: its partial file
+    (in the store's partial/ or, in a store shared by several users, one of theirs) holds
+    some of its bytes but not all."""
     _sub, _name, sha, size = pool.wl.largest()
-    store = pool.node_store(node)
     for part in [store / "partial", *store.glob("user.*/partial")]:
         with contextlib.suppress(OSError):
             if 0 < (part / f"{sha}.part").stat().st_size < size:
@@ -48,11 +37,13 @@ def _largest_in_flight(pool: Pool, node: int) -> bool:
 
 
 def mirror_restart_controller(notes: list[str]) -> Callable[[Pool, _Scheduler, list[JobRun]], None]:
-    """SIGKILL the site mirror while a fill streams, then start it again at once."""
+    """SIGKILL the site mirror while its fill of the (throttled) largest archive is
+    half-way, with bytes on disk to resume from, then start it again at once."""
 
     def control(pool: Pool, sched: _Scheduler, runs: list[JobRun]) -> None:
-        assert pool.mirror is not None
-        if not _wait_for(lambda: _partial_started(pool.mirror.cache_dir), 300):  # type: ignore[union-attr]
+        mirror = pool.mirror
+        assert mirror is not None
+        if not _wait_for(lambda: _largest_in_flight(pool, mirror.cache_dir), 300):
             notes.append("mirror-restart: no fill was seen in progress; the mirror was not killed")
             return
         down = pool.mirror.restart()
@@ -78,7 +69,7 @@ def evict_controller(notes: list[str]) -> Callable[[Pool, _Scheduler, list[JobRu
             node = int(sb.parent.name[4:])
             # the throttled largest archive is half-way into the node store, and the job
             # (which needs it) has not reached its task yet
-            if "bootstrap: running:" in out and _largest_in_flight(pool, node) and not (sb / STAMP).exists():
+            if "bootstrap: running:" in out and _largest_in_flight(pool, pool.node_store(node)) and not (sb / STAMP).exists():
                 target.append((proc, sb))
                 return True
             return False
