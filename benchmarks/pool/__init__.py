@@ -41,9 +41,9 @@ printed.
 
 Faults (``--fault``, repeatable), each also a test in ``tests/test_pool.py``:
 
-``mirror-restart``    the site mirror is SIGKILLed while it streams a fill (the
-                      largest artifact is throttled upstream so the kill lands
-                      mid-transfer) and restarted on the same port at once;
+``mirror-restart``    the site mirror is SIGKILLed while its fill of the largest
+                      artifact (throttled upstream) is half-way on disk, and
+                      restarted on the same port at once (it resumes with Range);
 ``upstream-down``     the upstream is stopped after the cold phase (the mirror
                       is warm); it comes back for the baseline;
 ``corrupt-node-blob`` before ``warm-nodes``, one byte of one blob in node 0's

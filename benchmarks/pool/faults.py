@@ -46,7 +46,7 @@ def mirror_restart_controller(notes: list[str]) -> Callable[[Pool, _Scheduler, l
         if not _wait_for(lambda: _largest_in_flight(pool, mirror.cache_dir), 300):
             notes.append("mirror-restart: no fill was seen in progress; the mirror was not killed")
             return
-        down = pool.mirror.restart()
+        down = mirror.restart()
         notes.append(f"mirror-restart: site mirror SIGKILLed mid-fill, back after {down:.2f} s")
         pool.log(f"  fault: site mirror killed mid-fill and restarted ({down:.2f} s down)")
 
