@@ -399,7 +399,9 @@ def start_aiohttp_floor(root: Path, work: Path) -> Server:
     return s
 
 
-def start_pixicache(upstream: str, work: Path, name: str, workers: int = 1) -> Server:
+def start_pixicache(upstream: str, work: Path, name: str, workers: int = 1,
+                    env: dict[str, str] | None = None) -> Server:
+    """``pixicache serve`` pulling through ``upstream`` (``env``: its environment, if not ours)."""
     log = work / f"{name}.log"
     store = work / f"{name}-store"
     shutil.rmtree(store, ignore_errors=True)
@@ -408,6 +410,7 @@ def start_pixicache(upstream: str, work: Path, name: str, workers: int = 1) -> S
          "--only-upstreams", "--upstream", f"conda-forge={upstream}/conda-forge", "--quiet",
          "--per-client", "0", "--max-connections", "10000", "--workers", str(workers)],
         stderr=open(log, "w"),  # noqa: SIM115 - the child owns it
+        env=env,
     )  # fmt: skip
     deadline = time.time() + 30
     url = ""
