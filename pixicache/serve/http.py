@@ -304,15 +304,15 @@ SEND_SLICE = 512 << 10
 (nginx's ``sendfile_max_chunk``, 2 MiB by default, is the same bound): a client on a fast
 link cannot keep the loop to itself, and connections take turns.
 
-Why 512 KiB, measured beside nginx on the 2-core build machine (hits, 121 artifacts,
-wrk with 2 threads and 8 connections; servers measured in turn, the order rotating
-each round, 12-18 rounds; medians of the per-round ratios to nginx with as many
-workers): larger slices trade one worker against two. With 2 workers, 512 KiB gave
-0.91-0.95x nginx, 1 MiB 0.95-0.97x, 4 MiB 1.00x, no limit (until the socket is full)
-0.96-1.00x, the workers' CPU per request falling from 1.10 to 0.90 ms. With 1 worker,
-512 KiB gave 0.99-1.06x, 1 MiB 1.00-1.03x, 2 MiB 0.93x, no limit 0.86-0.90x, the
-client's CPU per request rising from 0.97 to 1.38 ms. The client shares the server's
-two cores there, so neither is how a site runs a mirror; the slice stays where the
+Why 512 KiB: ``benchmarks/send_slice.py`` (hits, 121 artifacts, wrk with 2 threads and
+8 connections, the servers measured in turn, the order rotating each round; medians of
+the per-round ratios to nginx with as many workers; ranges over 2-6 runs on the 2-core
+build machine) finds that larger slices trade one worker against two. With 2 workers,
+512 KiB gave 0.91-0.95x nginx, 1 MiB 0.90-0.97x, 4 MiB 0.95-1.00x, no limit (until the
+socket is full) 0.95-1.00x, the workers' CPU per request falling by 0.14-0.27 ms. With
+1 worker, 512 KiB gave 0.99-1.06x, 1 MiB 1.00-1.03x, 2 MiB 0.93-1.00x, no limit
+0.86-0.94x, wrk's CPU per request rising by 0.20-0.40 ms. The client shares the server's
+two cores there, which is not how a site runs a mirror; the slice stays where the
 one-worker rate holds."""
 
 
