@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         work.chmod(0o755)  # nginx's workers read below it
         wl = make_blob_workload(work / "upstream", scale=args.scale, seed=1)
-        for p in (work / "upstream").rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        items = [[a.url.replace("https://conda.anaconda.org", "{base}"), a.sha256, a.size] for a in wl.artifacts]
+        S.world_readable(wl.root)
+        items = S.hit_items(wl)
         lines = [f"### SEND_SLICE: {len(items)} artifacts, wrk 2 threads x 8 connections, "
                  f"{args.rounds} rounds of {args.seconds} s", ""]
         with S.upstream_at(wl.root, work, None) as (up, _log, _link):

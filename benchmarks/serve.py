@@ -615,6 +615,17 @@ def wrk_rate(base: str, items: list[list[Any]], work: Path, threads: int = 1) ->
     raise RuntimeError(f"wrk printed no rate:\n{out}")
 
 
+def world_readable(root: Path) -> None:
+    """Make the tree at ``root`` readable by nginx's and squid's workers (other users)."""
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def hit_items(wl: Any) -> list[list[Any]]:
+    """The workload's artifacts as ``[url with {base} for the server, sha256, size]``."""
+    return [[a.url.replace("https://conda.anaconda.org", "{base}"), a.sha256, a.size] for a in wl.artifacts]
+
+
 def med(values: list[Any]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -784,13 +795,12 @@ def main(argv: list[str] | None = None) -> int:
         herd_rel = "conda-forge/linux-64/bench-herd-1.0-0.conda"
         big_sha, _ = write_random_file(wl.root / big_rel, blob, seed=2, key="big")
         herd_sha, _ = write_random_file(wl.root / herd_rel, herd_size, seed=3, key="herd")
-        for p in [wl.root, *wl.root.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
+        world_readable(wl.root)
         t0 = time.perf_counter()
         with open(wl.root / big_rel, "rb") as fh:
             hashlib.file_digest(fh, "sha256")
         sha_s = (time.perf_counter() - t0) / (blob / (1 << 30))
-        items = [[a.url.replace("https://conda.anaconda.org", "{base}"), a.sha256, a.size] for a in wl.artifacts]
+        items = hit_items(wl)
         big_item = ["{base}/" + big_rel, big_sha, blob]
         cold = herd = hits = {}
         settle = 0 if args.no_settle else blob * 3 // 2
