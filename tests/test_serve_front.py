@@ -568,6 +568,50 @@ def test_a_blob_is_pinned_while_sent_and_released_after(twins, upstream_root, tm
     assert fast.app.blobs.pins(sha) == 0 and slow.app.blobs.pins(sha) == 0
 
 
+def test_pins_keep_a_bounded_set_of_lock_files_open_and_never_drop_a_held_pin(tmp_path, monkeypatch) -> None:
+    """A pin leaves its lock file open after the last unpin (a blob sent again is pinned
+    with two flock calls), but at most LOCK_FILES of them; a blob pinned meanwhile keeps
+    its lock (gc cannot take it) however many others come and go, the others are
+    unlocked, and close() leaves no lock file open."""
+    from pixicache.serve import blobs as B
+    from pixicache.store.locking import FileLock, LockTimeout
+
+    monkeypatch.setattr(B, "LOCK_FILES", 2)
+    store = Store(tmp_path / "store")
+    files = B.BlobFiles(store)
+    shas = [f"{i:064x}" for i in range(6)]
+    lock_of = lambda sha: store.lock_dir / f"{sha}.lock"  # noqa: E731
+
+    def open_lock_files() -> set[str]:
+        held = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith(str(store.lock_dir)):
+                    held.add(Path(target).name)
+        return held
+
+    files.pin(shas[0])
+    for sha in shas[1:]:
+        files.pin(sha)
+        files.unpin(sha)
+        assert f"{shas[0]}.lock" in open_lock_files() and len(open_lock_files()) <= 2
+    files.pin(shas[5])  # the last one used: still open, pinned again without opening it
+    assert open_lock_files() == {f"{shas[0]}.lock", f"{shas[5]}.lock"}
+    with pytest.raises(LockTimeout):
+        FileLock(lock_of(shas[0]), timeout=0).acquire()
+    with pytest.raises(LockTimeout):
+        FileLock(lock_of(shas[5]), timeout=0).acquire()
+    for sha in shas[1:5]:
+        FileLock(lock_of(sha), timeout=0).acquire().release()
+    files.unpin(shas[0])
+    files.unpin(shas[5])
+    for sha in shas:
+        FileLock(lock_of(sha), timeout=0).acquire().release()
+    files.close()
+    assert open_lock_files() == set()
+
+
 def _front_protocols(srv: ServeHandle) -> list[Any]:
     assert srv.front is not None
     return list(srv.front.protocols)

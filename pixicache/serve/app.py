@@ -191,6 +191,7 @@ class ServeApp:
         if self._session is not None:
             await self._session.close()
         self.executor.shutdown(wait=True)
+        self.blobs.close()
 
     async def _in_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)

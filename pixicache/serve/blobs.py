@@ -3,7 +3,8 @@
 * :class:`BlobFiles` opens a blob for sending, never through a link (relative to its
   fan-out directory, itself opened without following one), and pins a blob against
   eviction while a long body is sent (a shared ``flock`` on its lock file, which
-  ``gc`` must take exclusively; one per blob and process, counted).
+  ``gc`` must take exclusively; one per blob and process, counted; the lock files of
+  the blobs sent last kept open, so a pin costs two ``flock`` calls, not five calls).
 * :class:`KnownHits` remembers which request targets this process answered as hits,
   and with which blob, so that the front path (:mod:`pixicache.serve.front`) can
   answer them again without aiohttp. It only remembers: whether a target is still a
@@ -14,16 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
 from typing import NamedTuple
 
+from pixicache.errors import StoreError
 from pixicache.serve.writer import lock_mode
 from pixicache.store import Store
 from pixicache.store.files import NotRegular
-from pixicache.store.locking import FileLock, LockTimeout
+from pixicache.store.locking import open_lock_file
 
-__all__ = ["BlobFiles", "KnownHit", "KnownHits"]
+__all__ = ["LOCK_FILES", "BlobFiles", "KnownHit", "KnownHits"]
+
+LOCK_FILES = 256
+"""Lock files a server process keeps open for pins when no pin holds them (those of the
+blobs pinned last; a pinned blob's stays open while it is pinned, whatever the count)."""
 
 
 class BlobFiles:
@@ -32,7 +39,8 @@ class BlobFiles:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._dirfds: dict[str, int] = {}  # fan-out directory -> an fd (see open)
-        self._pins: dict[str, tuple[FileLock | None, int]] = {}
+        self._pins: dict[str, tuple[bool, int]] = {}  # sha -> (locked, pins)
+        self._lock_fds: dict[str, int] = {}  # sha -> its lock file, the last used last
 
     def open(self, sha: str) -> tuple[int, os.stat_result]:
         """Open a blob for reading, never through a link: relative to its fan-out
@@ -80,19 +88,44 @@ class BlobFiles:
         """Keep ``gc`` from evicting ``sha`` until as many :meth:`unpin` calls: a shared
         lock on its lock file, taken without waiting. If it cannot be taken (``gc``
         holds it right now, or the lock file cannot be opened) the blob is not pinned,
-        and an open fd still reads the bytes of a removed file."""
+        and an open fd still reads the bytes of a removed file.
+
+        The lock file stays open after the last :meth:`unpin` (the :data:`LOCK_FILES`
+        used last), so pinning a blob sent again is two ``flock`` calls. If someone
+        replaces a lock file meanwhile, pins of that blob lock the old one until its
+        fd is dropped from the cache: ``gc`` may then evict the blob while it is being
+        sent, which the open fd survives, as above."""
         held = self._pins.get(sha)
         if held is not None:
             self._pins[sha] = (held[0], held[1] + 1)
             return
-        lock: FileLock | None = FileLock(
-            self.store.lock_dir / f"{sha}.lock", shared=True, timeout=0, mode=lock_mode(self.store)
-        )
-        try:
-            lock.acquire()  # type: ignore[union-attr]
-        except (LockTimeout, OSError):
-            lock = None
-        self._pins[sha] = (lock, 1)
+        fd = self._lock_file(sha)
+        locked = False
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                locked = True
+            except OSError:  # gc holds it (EWOULDBLOCK), or the fd cannot be locked
+                pass
+        self._pins[sha] = (locked, 1)
+
+    def _lock_file(self, sha: str) -> int | None:
+        """The open lock file of ``sha`` (``None``: it cannot be opened), made the last
+        used; the oldest unpinned ones beyond :data:`LOCK_FILES` are closed."""
+        fd = self._lock_fds.pop(sha, None)
+        if fd is None:
+            try:
+                fd = open_lock_file(self.store.lock_dir / f"{sha}.lock", lock_mode(self.store))
+            except (StoreError, OSError):
+                return None
+            if len(self._lock_fds) >= LOCK_FILES:
+                for old in list(self._lock_fds):
+                    if old not in self._pins:
+                        os.close(self._lock_fds.pop(old))
+                        if len(self._lock_fds) < LOCK_FILES:
+                            break
+        self._lock_fds[sha] = fd
+        return fd
 
     def pins(self, sha: str) -> int:
         """How many :meth:`pin` calls of ``sha`` are not undone yet."""
@@ -108,9 +141,19 @@ class BlobFiles:
             self._pins[sha] = (held[0], held[1] - 1)
             return
         del self._pins[sha]
-        if held[0] is not None:
+        fd = self._lock_fds.get(sha)
+        if held[0] and fd is not None:
             with contextlib.suppress(OSError):
-                held[0].release()
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the directories and lock files kept open (pins held are dropped)."""
+        self._pins.clear()
+        for fds in (self._dirfds, self._lock_fds):
+            for fd in fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            fds.clear()
 
 
 class KnownHit(NamedTuple):

@@ -375,18 +375,21 @@ class RegionSender:
         self._stop()
 
     def _pump(self) -> object:
-        """sendfile until the region is out (:data:`_DONE`, also after an error), the
-        socket is full (:data:`_FULL`) or a slice is sent (:data:`_SLICED`)."""
+        """One ``sendfile`` of up to a slice: the region is out (:data:`_DONE`, also
+        after an error), the socket took less than asked (:data:`_FULL`: it is full, as
+        nginx takes a short send; if it is not, the writer callback runs on the next
+        turn), or it took the slice (:data:`_SLICED`). A second call after a short one
+        would almost always meet ``EAGAIN``: a system call for nothing, per socket
+        filled."""
         try:
-            end = min(self.count, self.sent + SEND_SLICE)
-            while self.sent < end:
-                n = os.sendfile(self._sock_fd, self._file_fd, self.offset + self.sent, end - self.sent)
-                if n == 0:  # the file is shorter than it was
-                    self._finish(ConnectionResetError("the file changed while being sent"))
-                    return _DONE
-                self.sent += n
+            want = min(SEND_SLICE, self.count - self.sent)
+            n = os.sendfile(self._sock_fd, self._file_fd, self.offset + self.sent, want)
+            if n == 0:  # the file is shorter than it was
+                self._finish(ConnectionResetError("the file changed while being sent"))
+                return _DONE
+            self.sent += n
             if self.sent < self.count:
-                return _SLICED  # the next slice after other work
+                return _SLICED if n == want else _FULL  # the next slice after other work
         except (BlockingIOError, InterruptedError):
             return _FULL
         except OSError as exc:

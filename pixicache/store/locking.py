@@ -55,34 +55,7 @@ class FileLock:
         return self._fd is not None
 
     def _open(self) -> int:
-        """Open (or create, with exactly ``mode``) the lock file, never through a link.
-
-        A lock file another user created may be read-only to us: ``flock`` works
-        on a read-only descriptor too.
-        """
-        try:
-            try:
-                return create_exclusive(self.path, self.mode)
-            except FileExistsError:
-                pass
-            try:
-                return open_regular(self.path, os.O_RDWR)
-            except PermissionError:
-                return open_regular(self.path, os.O_RDONLY)
-        except NotRegular as exc:
-            raise StoreError(
-                f"the lock file {exc.path} is {exc.what}, not a regular file: pixicache never "
-                "opens a store file through a link. Remove it (as its owner or root) and "
-                "check who can write to the store"
-            ) from None
-        except PermissionError as exc:
-            raise StoreError(
-                f"cannot open the lock file {self.path}: {exc.strerror}. This user (uid "
-                f"{os.getuid()}) cannot write to the store there; make the store usable by "
-                "the group of its users (see 'A store shared by several users' in the "
-                "README: chgrp -R GROUP STORE; chmod -R g+rwX STORE; find STORE -type d "
-                "-exec chmod g+s,+t {} +) or point PIXICACHE_CACHE_DIR at a store of your own"
-            ) from None
+        return open_lock_file(self.path, self.mode)
 
     def acquire(self) -> FileLock:
         """Take the lock, waiting up to ``timeout``; raise :class:`LockTimeout`.
@@ -137,3 +110,39 @@ class FileLock:
 
     def __del__(self) -> None:  # pragma: no cover - safety net
         self.release()
+
+
+def open_lock_file(path: Path, mode: int) -> int:
+    """Open (or create, with exactly ``mode``) the lock file ``path``, never through a
+    link; the fd a :class:`FileLock` (or a caller keeping it open) locks.
+
+    A lock file another user created may be read-only to us: ``flock`` works
+    on a read-only descriptor too.
+
+    Raises:
+        StoreError: it cannot be opened (no permission, or it is a planted link or
+            special file): the message names it and says what to do.
+    """
+    try:
+        try:
+            return create_exclusive(path, mode)
+        except FileExistsError:
+            pass
+        try:
+            return open_regular(path, os.O_RDWR)
+        except PermissionError:
+            return open_regular(path, os.O_RDONLY)
+    except NotRegular as exc:
+        raise StoreError(
+            f"the lock file {exc.path} is {exc.what}, not a regular file: pixicache never "
+            "opens a store file through a link. Remove it (as its owner or root) and "
+            "check who can write to the store"
+        ) from None
+    except PermissionError as exc:
+        raise StoreError(
+            f"cannot open the lock file {path}: {exc.strerror}. This user (uid "
+            f"{os.getuid()}) cannot write to the store there; make the store usable by "
+            "the group of its users (see 'A store shared by several users' in the "
+            "README: chgrp -R GROUP STORE; chmod -R g+rwX STORE; find STORE -type d "
+            "-exec chmod g+s,+t {} +) or point PIXICACHE_CACHE_DIR at a store of your own"
+        ) from None
