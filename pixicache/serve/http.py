@@ -311,9 +311,11 @@ build machine) finds that larger slices trade one worker against two. With 2 wor
 512 KiB gave 0.91-0.95x nginx, 1 MiB 0.90-0.97x, 4 MiB 0.95-1.00x, no limit (until the
 socket is full) 0.95-1.00x, the workers' CPU per request falling by 0.14-0.27 ms. With
 1 worker, 512 KiB gave 0.99-1.06x, 1 MiB 1.00-1.03x, 2 MiB 0.93-1.00x, no limit
-0.86-0.94x, wrk's CPU per request rising by 0.20-0.40 ms. The client shares the server's
-two cores there, which is not how a site runs a mirror; the slice stays where the
-one-worker rate holds."""
+0.86-0.94x, wrk's CPU per request rising by 0.20-0.40 ms. A budget per turn of the loop
+shared by the connections being sent to (6 or 8 MiB, at least 512 KiB each) made the
+same trade: 0.94-0.97x with 2 workers, 0.92-0.99x with 1 (10 rounds each, wrk and the
+Python client). The client shares the server's two cores there, which is not how a site
+runs a mirror; the slice stays where the one-worker rate holds."""
 
 
 _DONE, _FULL, _SLICED = object(), object(), object()  # what RegionSender._pump ended with
