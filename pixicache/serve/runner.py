@@ -50,7 +50,8 @@ log = logging.getLogger("pixicache.serve")
 #: the listening socket's queue of connections not yet accepted
 BACKLOG = 1024
 #: open files a server needs besides two per connection (blob directories, blobs being
-#: sent, the index, fills' partial files, upstream connections)
+#: sent, the lock files pins keep open (:data:`~pixicache.serve.blobs.LOCK_FILES`), the
+#: index, fills' partial files, upstream connections)
 FD_RESERVE = 1024
 
 class _QuietHandler(RequestHandler):
